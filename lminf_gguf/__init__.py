@@ -1,0 +1,10 @@
+"""lminf_gguf: LM-Infinite (Han et al., NAACL 2024) in llama.cpp, for unbounded inputs with bounded memory."""
+
+from . import _lib  # noqa: F401  (must come first: points llama_cpp at the patched library)
+from .cache import ContextFullError
+from .engine import MODES, LMInfinite
+from .models import default_model_path
+
+__version__ = "0.1.0"
+
+__all__ = ["LMInfinite", "ContextFullError", "MODES", "default_model_path", "__version__"]

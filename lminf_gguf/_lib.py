@@ -1,0 +1,75 @@
+"""Raw bindings: load llama-cpp-python's ctypes layer against our patched libllama, plus our new C functions.
+
+llama-cpp-python reads LLAMA_CPP_LIB_PATH once, when `llama_cpp` is first imported, so this module must run
+before anything else imports it. LMINF_LIB_PATH overrides the bundled library directory (development builds).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+LIB_DIR = Path(os.environ.get("LMINF_LIB_PATH") or Path(__file__).resolve().parent / "lib")
+
+_FIX = ("reinstall with `make install` (see README), or point LMINF_LIB_PATH at a directory holding the patched "
+        "libllama built from this repository")
+
+if "llama_cpp" not in sys.modules:
+    if not (LIB_DIR / "libllama.so").exists() and not (LIB_DIR / "libllama.dylib").exists() \
+            and not (LIB_DIR / "llama.dll").exists():
+        raise ImportError(f"lminf_gguf: patched libllama not found in {LIB_DIR}; {_FIX}")
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(LIB_DIR)
+
+try:
+    import llama_cpp  # noqa: E402
+    import llama_cpp.llama_cpp as llama_raw  # noqa: E402
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError(f"lminf_gguf: cannot import llama_cpp ({e}); install its Python layer with "
+                      "CMAKE_ARGS='-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF' pip install llama-cpp-python==0.3.36, "
+                      f"or {_FIX}") from e
+
+lib = llama_raw._lib
+
+if not hasattr(lib, "llama_init_from_model_lminf"):
+    raise ImportError(f"lminf_gguf: the libllama loaded by llama_cpp ({getattr(lib, '_name', '?')}) lacks the "
+                      f"LM-Infinite functions (an unpatched build was imported first?); {_FIX}")
+
+_ctx_p = ctypes.c_void_p
+
+
+def _bind(name, argtypes, restype):
+    fn = getattr(lib, name)
+    fn.argtypes = argtypes
+    fn.restype = restype
+    return fn
+
+
+llama_init_from_model_lminf = _bind(
+    "llama_init_from_model_lminf",
+    [llama_raw.llama_model_p_ctypes, llama_raw.llama_context_params, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32],
+    llama_raw.llama_context_p_ctypes)
+llama_lminf_enabled = _bind("llama_lminf_enabled", [llama_raw.llama_context_p_ctypes], ctypes.c_bool)
+llama_lminf_n_global = _bind("llama_lminf_n_global", [llama_raw.llama_context_p_ctypes], ctypes.c_int32)
+llama_lminf_n_local = _bind("llama_lminf_n_local", [llama_raw.llama_context_p_ctypes], ctypes.c_int32)
+llama_lminf_dist_max = _bind("llama_lminf_dist_max", [llama_raw.llama_context_p_ctypes], ctypes.c_int32)
+llama_lminf_cache_size = _bind("llama_lminf_cache_size", [llama_raw.llama_context_p_ctypes], ctypes.c_uint32)
+llama_lminf_cache_used = _bind("llama_lminf_cache_used", [llama_raw.llama_context_p_ctypes], ctypes.c_uint32)
+
+_log_callback = None
+
+
+def set_verbose(verbose: bool) -> None:
+    """Route llama.cpp's log to stderr (verbose) or drop it."""
+    global _log_callback
+    if verbose:
+        llama_raw.llama_log_set(None, ctypes.c_void_p())
+        _log_callback = None
+    else:
+        _log_callback = llama_raw.llama_log_callback(lambda level, text, user: None)
+        llama_raw.llama_log_set(_log_callback, ctypes.c_void_p())
+
+
+llama_raw.llama_backend_init()
+set_verbose(bool(os.environ.get("LMINF_VERBOSE")))

