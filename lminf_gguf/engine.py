@@ -86,7 +86,7 @@ class LMInfinite:
         self.mode = mode
         self.n_global = defaults["n_global"] if n_global is None else n_global
         self.n_local = defaults["n_local"] if n_local is None else n_local
-        self.dist_max = defaults["dist_max"] if dist_max is None else dist_max
+        self.dist_max = dist_max or defaults["dist_max"] or self.n_local
         self.n_batch = n_batch
         self.n_ubatch = min(n_ubatch or n_batch, n_batch)
 

@@ -26,7 +26,10 @@ def default_model_path() -> str:
 
 
 def lminf_defaults(metadata: dict, n_ctx_train: int) -> dict:
-    """LM-Infinite parameters for a model: GGUF keys lminf.* first, then G = 10, L = trained context, C = L."""
+    """LM-Infinite parameters stored in a model: GGUF keys lminf.* first, then G = 10 and L = trained context.
+
+    dist_max is None unless the file sets it: C defaults to the window actually used (C = L).
+    """
     def key(name):
         value = metadata.get(f"lminf.{name}")
         return int(value) if value not in (None, "") else None
@@ -35,5 +38,5 @@ def lminf_defaults(metadata: dict, n_ctx_train: int) -> dict:
     return {
         "n_global": key("n_global") if key("n_global") is not None else DEFAULT_N_GLOBAL,
         "n_local": n_local,
-        "dist_max": key("dist_max") or n_local,
+        "dist_max": key("dist_max"),
     }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -43,10 +45,14 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+# LMINF_N_GPU_LAYERS=99 runs the same tests with the layers offloaded (CUDA / Metal builds)
+N_GPU_LAYERS = int(os.environ.get("LMINF_N_GPU_LAYERS", "0"))
+
+
 def open_exact(path, mode="lminf", *, kv="f32", flash_attn=False, n_threads=2, **kw) -> lminf_gguf.LMInfinite:
     """An LMInfinite set up for comparisons: f32 (or given) KV cache, flash attention off unless asked."""
     return lminf_gguf.LMInfinite(path, mode=mode, type_k=kv, type_v=kv, flash_attn=flash_attn,
-                                 n_threads=n_threads, **kw)
+                                 n_threads=n_threads, n_gpu_layers=N_GPU_LAYERS, **kw)
 
 
 def random_tokens(n: int, seed: int = 0, n_vocab: int = 96) -> np.ndarray:
