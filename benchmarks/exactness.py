@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Exactness table: relative error of the patched llama.cpp against the PyTorch reference, per mode and set-up.
+
+Prints one row per (model, KV type, flash attention, mode) with the worst relative error ||a - b|| / ||b|| over
+T in {L-1, L, L+1, 3L+7, 20L}, G in {0, 4, 10}, n_ubatch in {1, 7, 64}, L = 16, and writes the rows as JSON.
+The same check runs on a GPU with --n-gpu-layers 99 (CUDA or Metal build).
+
+    python benchmarks/exactness.py [--n-gpu-layers 99] [--json results/exactness.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import MODEL_CONFIGS, random_tokens, rel_err  # noqa: E402
+from reference import load_gguf  # noqa: E402
+from tiny_models import write_tiny_llama  # noqa: E402
+
+import lminf_gguf  # noqa: E402
+
+SETUPS = [  # (model, kv type, flash attention)
+    ("f32-gqa2", "f32", False),
+    ("f32-gqa8", "f32", False),
+    ("f32-yarn2", "f32", False),
+    ("f32-gqa2", "f16", False),
+    ("f32-gqa2", "f16", True),
+    ("f16-gqa2", "f32", False),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-gpu-layers", type=int, default=0)
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--dir", default="/tmp/lminf-exactness", help="where the tiny models are written")
+    args = ap.parse_args()
+
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    L = 16
+    rows = []
+    print(f"{'model':10s} {'kv':4s} {'flash':5s} {'mode':7s} {'max rel err':>12s}")
+    for name, kv, flash in SETUPS:
+        path = write_tiny_llama(Path(args.dir) / f"{name}.gguf", seed=1, **MODEL_CONFIGS[name])
+        ref = load_gguf(path)
+        for mode in ("vanilla", "mask", "lminf"):
+            worst = 0.0
+            for g in (0, 4, 10):
+                for ub in (1, 7, 64):
+                    kw = dict(n_ctx=512) if mode == "vanilla" else dict(n_global=g, n_local=L, dist_max=L)
+                    llm = lminf_gguf.LMInfinite(path, mode=mode, type_k=kv, type_v=kv, flash_attn=flash,
+                                                n_batch=ub, n_gpu_layers=args.n_gpu_layers, **kw)
+                    for T in (L - 1, L, L + 1, 3 * L + 7, 20 * L):
+                        tokens = random_tokens(T, seed=T + g)
+                        want = ref.logits(tokens, mode=mode, n_global=g, n_local=L, dist_max=L)
+                        worst = max(worst, rel_err(llm.logits(tokens), want))
+                    llm.close()
+                    if mode == "vanilla":
+                        break
+                if mode == "vanilla":
+                    break
+            rows.append(dict(model=name, kv=kv, flash_attn=flash, mode=mode, max_rel_err=worst))
+            print(f"{name:10s} {kv:4s} {str(flash):5s} {mode:7s} {worst:12.2e}", flush=True)
+
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(machine=platform.platform(), n_gpu_layers=args.n_gpu_layers)
+        Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+#!/bin/sh
+# GPU check on a machine without network (the device tool): CUDA build of the patched library through the same
+# `pip install .` path, the ggml ops that the ceiling adds (CUDA against CPU), then the exactness tests and
+# table with every layer offloaded. Figures go to $OUT (default /tmp/lminf-gpu).
+#
+# Needs: third_party/llama.cpp prepared (scripts/prepare_source.py), wheels of gguf, diskcache and
+# llama-cpp-python's Python layer in .whl/, and python3 with torch, numpy, pytest, scikit-build-core.
+set -e
+OUT=${OUT:-/tmp/lminf-gpu}
+SITE=/tmp/lminf-site
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$SITE
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -m pip install -q --no-index --no-deps --target $SITE .whl/*.whl
+
+t0=$(date +%s)
+CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target $SITE . > "$OUT/build.log" 2>&1 \
+    || { tail -40 "$OUT/build.log"; exit 1; }
+echo "CUDA build (pip install ., $(nproc) cores): $(( $(date +%s) - t0 )) s" | tee "$OUT/build_time.txt"
+ls $SITE/lminf_gguf/lib
+
+LIB=$SITE/lminf_gguf/lib
+g++ -O2 -std=c++17 third_party/llama.cpp/tests/test-backend-ops.cpp -Ithird_party/llama.cpp/ggml/include \
+    -L$LIB -lggml -lggml-base -Wl,-rpath,$LIB -o /tmp/test-backend-ops
+for op in ROPE CPY SUB MUL PAD ADD SOFT_MAX; do
+    /tmp/test-backend-ops test -o $op -b CUDA0 2>&1 | grep -E "tests passed|FAIL|Backend CUDA0" | tail -2
+done | tee "$OUT/backend_ops.txt"
+
+cd tests
+LMINF_N_GPU_LAYERS=99 timeout 240 python3 -m pytest -q -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/pytest_gpu.txt"
+cd ..
+timeout 200 python3 benchmarks/exactness.py --n-gpu-layers 99 --json "$OUT/exactness_gpu.json" | tee "$OUT/exactness_gpu.txt"
