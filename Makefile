@@ -17,7 +17,10 @@ export CCACHE_BASEDIR  := $(CURDIR)
 export CCACHE_NOHASHDIR := true
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-DEMO_FILE ?= $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['stdlib'] + '/argparse.py')")
+# a long English text that every Python carries (its licence; argparse.py where a distribution strips it),
+# read with a 1024-token window: the text is several windows long
+DEMO_FILE ?= $(shell $(PYTHON) -c "import os, sysconfig; d = sysconfig.get_paths()['stdlib']; \
+	print(next(p for p in (d + '/LICENSE.txt', d + '/argparse.py') if os.path.exists(p)))")
 
 .PHONY: install test demo bench clean ccache
 
@@ -43,7 +46,7 @@ test: install
 	$(VENV)/bin/pytest -q tests
 
 demo: install
-	$(VENV)/bin/lminf generate -f "$(DEMO_FILE)" -n 64 --temp 0 --n-local 2048
+	$(VENV)/bin/lminf generate -f "$(DEMO_FILE)" -n 64 --temp 0 --repeat-penalty 1.1 --n-local 1024
 
 clean:
 	rm -rf build third_party $(VENV)

@@ -13,6 +13,7 @@ create one object per thread (each loads its own copy of the model).
 from __future__ import annotations
 
 import codecs
+import ctypes
 import os
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -153,6 +154,15 @@ class LMInfinite:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._model.detokenize(list(tokens)).decode("utf-8", errors="replace")
 
+    def _piece(self, token: int) -> bytes:
+        # llama-cpp-python's LlamaModel.token_to_piece returns its whole buffer, NUL padding included
+        buf = ctypes.create_string_buffer(64)
+        n = llama_raw.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_raw.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
     # -- evaluation -------------------------------------------------------------------------------------------
 
     def reset(self) -> None:
@@ -243,7 +253,7 @@ class LMInfinite:
                  seed: Optional[int]):
         sampler = llama_cpp._internals.LlamaSampler()
         if repeat_penalty != 1.0:
-            sampler.add_penalties(64, repeat_penalty, 0.0, 0.0)
+            sampler.add_penalties(self.n_vocab, 64, repeat_penalty, 0.0, 0.0)
         if temperature <= 0:
             sampler.add_greedy()
             return sampler
@@ -289,7 +299,7 @@ class LMInfinite:
                 if llama_raw.llama_vocab_is_eog(vocab, tok):
                     break
                 sampler.accept(tok)
-                piece = decoder.decode(self._model.token_to_piece(tok))
+                piece = decoder.decode(self._piece(tok))
                 text += piece
                 hit = next((s for s in stops if s and s in text), None)
                 if hit is not None:

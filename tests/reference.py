@@ -7,7 +7,9 @@ for Large Language Models", NAACL 2024.  Written from the paper's description
 from the llama.cpp patch under test.  Everything is computed in float64.
 
 Model: llama (pre-RMSNorm decoder, rotary position embedding, grouped-query
-attention, SwiGLU FFN, untied or tied output), loaded from a GGUF file.
+attention, SwiGLU FFN, untied or tied output), loaded from a GGUF file.  Arch
+qwen2 is the same decoder with q/k/v projection biases (added before RoPE) and
+rope type NEOX (see below).
 
 Attention modes (query at position p_i, key at position p_j <= p_i; positions
 are ``pos0 + index``):
@@ -32,6 +34,10 @@ ramp over the "correction dims" and multiplies cos/sin by an attention
 magnitude factor (``1 + 0.1*ln(factor)`` times the file's
 ``rope.scaling.attn_factor``), as llama.cpp's ``ggml_rope_yarn`` does with its
 default context parameters (ext_factor=1, beta_fast=32, beta_slow=1).
+
+Arch qwen2 uses rope type NEOX: the same angles ``theta_d`` (same scaling), but
+applied to the pairs ``(x[d], x[d + n_rot/2])`` of each head (rotate halves)
+instead of adjacent pairs.
 
 Usage::
 
@@ -77,6 +83,7 @@ class HParams:
     yarn_beta_slow: float = 1.0
     yarn_ext_factor: Optional[float] = None  # None -> 1 for yarn, 0 otherwise
     attn_scale: float = 0.0  # 0 -> 1/sqrt(head_dim)
+    rope_type: str = "norm"  # "norm" (adjacent pairs, llama) | "neox" (halves, qwen2)
 
 
 def _field_value(reader: gguf.GGUFReader, key: str, default=None):
@@ -86,12 +93,16 @@ def _field_value(reader: gguf.GGUFReader, key: str, default=None):
     return f.contents()
 
 
+# rope type per architecture (fixed by the architecture in llama.cpp, not a GGUF key)
+_ROPE_TYPE = {"llama": "norm", "qwen2": "neox"}
+
+
 def load_gguf(path) -> "RefModel":
     """Read hparams and tensors (f32/f16/q8_0/... via gguf.quants) from a GGUF."""
     r = gguf.GGUFReader(str(path))
     arch = _field_value(r, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"reference only implements arch 'llama', got {arch!r}")
+    if arch not in _ROPE_TYPE:
+        raise ValueError(f"reference only implements archs {sorted(_ROPE_TYPE)}, got {arch!r}")
     a = arch + "."
 
     tensors: Dict[str, torch.Tensor] = {}
@@ -139,6 +150,7 @@ def load_gguf(path) -> "RefModel":
         rope_orig_ctx=int(_field_value(r, a + "rope.scaling.original_context_length", 0) or 0) or n_ctx_train,
         rope_attn_factor=float(_field_value(r, a + "rope.scaling.attn_factor", 1.0)),
         attn_scale=float(_field_value(r, a + "attention.scale", 0.0) or 0.0),
+        rope_type=_ROPE_TYPE[arch],
     )
     if hp.n_rot != hp.head_dim:
         raise NotImplementedError("partial rotary (n_rot != head_dim) not supported")
@@ -201,9 +213,18 @@ class RefModel:
         cos, sin = self.rope_cos_sin(pos)  # [P, D/2]
         cos = cos[:, None, :]
         sin = sin[:, None, :]
+        out = torch.empty_like(x)
+        if self.hp.rope_type == "neox":
+            # pairs (x[d], x[d + n_rot/2])
+            half = self.hp.n_rot // 2
+            x0 = x[..., :half]
+            x1 = x[..., half:2 * half]
+            out[..., :half] = x0 * cos - x1 * sin
+            out[..., half:2 * half] = x0 * sin + x1 * cos
+            return out
+        # pairs (x[2d], x[2d+1])
         x0 = x[..., 0::2]
         x1 = x[..., 1::2]
-        out = torch.empty_like(x)
         out[..., 0::2] = x0 * cos - x1 * sin
         out[..., 1::2] = x0 * sin + x1 * cos
         return out
@@ -218,11 +239,19 @@ class RefModel:
         p = f"blk.{il}."
         T = h.shape[0]
         D = hp.head_dim
-        q = (h @ t[p + "attn_q.weight"].T).reshape(T, hp.n_head, D)
-        k = (h @ t[p + "attn_k.weight"].T).reshape(T, hp.n_head_kv, D)
-        v = (h @ t[p + "attn_v.weight"].T).reshape(T, hp.n_head_kv, D)
+        q = h @ t[p + "attn_q.weight"].T
+        k = h @ t[p + "attn_k.weight"].T
+        v = h @ t[p + "attn_v.weight"].T
+        # projection biases (qwen2), added before RoPE
         if p + "attn_q.bias" in t:
-            raise NotImplementedError("qkv bias")
+            q = q + t[p + "attn_q.bias"]
+        if p + "attn_k.bias" in t:
+            k = k + t[p + "attn_k.bias"]
+        if p + "attn_v.bias" in t:
+            v = v + t[p + "attn_v.bias"]
+        q = q.reshape(T, hp.n_head, D)
+        k = k.reshape(T, hp.n_head_kv, D)
+        v = v.reshape(T, hp.n_head_kv, D)
 
         # GQA: query head hq uses kv head hq // (n_head / n_head_kv)
         rep = hp.n_head // hp.n_head_kv
@@ -301,4 +330,7 @@ class RefModel:
             x = x + self._ffn(il, h)
         x = self._rmsnorm(x, t["output_norm.weight"])
         w_out = t.get("output.weight", t["token_embd.weight"])
-        return (x @ w_out.T).numpy()
+        out = x @ w_out.T
+        if "output.bias" in t:
+            out = out + t["output.bias"]
+        return out.numpy()

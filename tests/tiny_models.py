@@ -10,8 +10,12 @@ the *reverse* of ggml's ``ne``.  llama.cpp expects e.g. ``attn_q`` with
 ``ne = {n_embd, n_head*head_dim}``, i.e. numpy shape ``(n_head*head_dim, n_embd)``
 which is the usual ``y = W @ x`` (PyTorch ``nn.Linear.weight``) layout.
 
-Rope: arch llama uses rope type NORM (rotates adjacent pairs). Since weights are
-random no HF->GGUF q/k permutation is involved.
+Rope: arch llama uses rope type NORM (rotates adjacent pairs), arch qwen2 rope
+type NEOX (rotates halves).  Since weights are random no HF->GGUF q/k permutation
+is involved.
+
+``write_tiny_gemma3`` writes a gemma3 model with sliding-window layers, only for
+tests that LM-Infinite refuses it; there is no reference implementation of it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 
 import gguf
 
-__all__ = ["write_tiny_llama"]
+__all__ = ["write_tiny_llama", "write_tiny_qwen2", "write_tiny_gemma3"]
 
 
 def _as_dtype(arr: np.ndarray, dtype: str):
@@ -64,7 +68,71 @@ def write_tiny_llama(
     qk_gain: q/k projection std is qk_gain/sqrt(n_embd), so that per-head
     attention scores have std ~qk_gain**2 (peaky, non-degenerate softmax).
     """
+    return _write_tiny(path, arch="llama", n_vocab=n_vocab, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+                       n_layer=n_layer, n_ff=n_ff, n_ctx_train=n_ctx_train, rope_base=rope_base,
+                       rope_scaling=rope_scaling, dtype=dtype, seed=seed, rms_eps=rms_eps, qk_gain=qk_gain)
+
+
+def write_tiny_qwen2(
+    path: Union[str, os.PathLike],
+    *,
+    n_vocab: int = 96,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_layer: int = 2,
+    n_ff: int = 96,
+    n_ctx_train: int = 64,
+    rope_base: float = 10000.0,
+    rope_scaling: Optional[Sequence] = None,
+    dtype: str = "f32",
+    seed: int = 0,
+    rms_eps: float = 1e-5,
+    qk_gain: float = 1.5,
+) -> str:
+    """Write a tiny random qwen2 GGUF to ``path`` and return ``str(path)``.
+
+    Same keyword arguments as ``write_tiny_llama``.  Differences from llama, as
+    llama.cpp's qwen2 expects them: keys ``qwen2.*``, q/k/v biases
+    ``blk.N.attn_{q,k,v}.bias`` (shape [n_head*head_dim] / [n_head_kv*head_dim],
+    always f32), rope type NEOX (fixed by the architecture in llama.cpp; rotates
+    the pairs (x[d], x[d + n_rot/2])), and ``n_head*head_dim == n_embd``
+    (llama.cpp creates ``attn_output`` as {n_embd, n_embd}).  The tokenizer is
+    the same minimal SPM ("llama") vocab, which llama.cpp accepts for any arch.
+    """
+    return _write_tiny(path, arch="qwen2", n_vocab=n_vocab, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+                       n_layer=n_layer, n_ff=n_ff, n_ctx_train=n_ctx_train, rope_base=rope_base,
+                       rope_scaling=rope_scaling, dtype=dtype, seed=seed, rms_eps=rms_eps, qk_gain=qk_gain)
+
+
+def _write_tiny(
+    path: Union[str, os.PathLike],
+    *,
+    arch: str = "llama",
+    n_vocab: int = 96,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_layer: int = 2,
+    n_ff: int = 96,
+    n_ctx_train: int = 64,
+    rope_base: float = 10000.0,
+    rope_scaling: Optional[Sequence] = None,
+    dtype: str = "f32",
+    seed: int = 0,
+    rms_eps: float = 1e-5,
+    qk_gain: float = 1.5,
+) -> str:
+    """Write a tiny random ``arch`` ("llama" or "qwen2") GGUF; return ``str(path)``.
+
+    rope_scaling: None, ("linear", factor) or ("yarn", factor, orig_ctx).
+    dtype: "f32", "f16" or "q8_0" for the 2-D weight matrices (norm weights
+    always f32; q8_0 needs n_embd and n_ff multiples of 32).
+    qk_gain: q/k projection std is qk_gain/sqrt(n_embd), so that per-head
+    attention scores have std ~qk_gain**2 (peaky, non-degenerate softmax).
+    """
     path = str(path)
+    assert arch in ("llama", "qwen2"), arch
     assert n_embd % n_head == 0, "n_embd must be divisible by n_head"
     assert n_head % n_head_kv == 0, "n_head must be divisible by n_head_kv"
     head_dim = n_embd // n_head
@@ -83,8 +151,8 @@ def write_tiny_llama(
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }[dtype]
 
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name("tiny-random-llama")
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(f"tiny-random-{arch}")
     w.add_context_length(n_ctx_train)
     w.add_embedding_length(n_embd)
     w.add_block_count(n_layer)
@@ -145,6 +213,11 @@ def write_tiny_llama(
         add(p + "attn_q.weight", randn(n_head * head_dim, n_embd, std=qk_std))
         add(p + "attn_k.weight", randn(n_head_kv * head_dim, n_embd, std=qk_std))
         add(p + "attn_v.weight", randn(n_head_kv * head_dim, n_embd, std=1.0 / np.sqrt(n_embd)))
+        if arch == "qwen2":
+            # biases of the size of a typical row product, so that they matter (also through RoPE)
+            add(p + "attn_q.bias", randn(n_head * head_dim, std=0.5 * qk_gain), mat=False)
+            add(p + "attn_k.bias", randn(n_head_kv * head_dim, std=0.5 * qk_gain), mat=False)
+            add(p + "attn_v.bias", randn(n_head_kv * head_dim, std=0.5), mat=False)
         add(p + "attn_output.weight", randn(n_embd, n_head * head_dim, std=1.0 / np.sqrt(n_head * head_dim)))
         add(p + "ffn_norm.weight", 1.0 + randn(n_embd, std=0.1), mat=False)
         add(p + "ffn_gate.weight", randn(n_ff, n_embd, std=1.0 / np.sqrt(n_embd)))
@@ -152,6 +225,96 @@ def write_tiny_llama(
         add(p + "ffn_down.weight", randn(n_embd, n_ff, std=1.0 / np.sqrt(n_ff)))
     add("output_norm.weight", 1.0 + randn(n_embd, std=0.1), mat=False)
     add("output.weight", randn(n_vocab, n_embd, std=2.0 / np.sqrt(n_embd)))
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _add_spm_vocab(w, n_vocab: int) -> None:
+    n_special = 4
+    tokens = ["<unk>", "<s>", "</s>", "<0x0A>"] + [f"t{i}" for i in range(n_vocab - n_special)]
+    T = gguf.TokenType
+    types = [T.UNKNOWN, T.CONTROL, T.CONTROL, T.BYTE] + [T.NORMAL] * (n_vocab - n_special)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * n_special + [-float(i) for i in range(n_vocab - n_special)])
+    w.add_token_types([int(t) for t in types])
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+
+
+def write_tiny_gemma3(
+    path: Union[str, os.PathLike],
+    *,
+    n_vocab: int = 96,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_layer: int = 2,
+    n_ff: int = 96,
+    n_ctx_train: int = 64,
+    sliding_window: int = 8,
+    sliding_window_pattern: int = 2,
+    seed: int = 0,
+) -> str:
+    """Write a tiny random gemma3 GGUF (f32) with sliding-window layers; return ``str(path)``.
+
+    What llama.cpp's LLM_ARCH_GEMMA3 loads: keys ``gemma3.*`` incl.
+    ``attention.sliding_window`` (> 0 selects the iSWA cache) and
+    ``attention.sliding_window_pattern`` (layer il is a window layer iff
+    il % pattern < pattern - 1); per layer attn_norm, attn_{q,k,v,output},
+    attn_{q,k}_norm [head_dim], post_attention_norm, ffn_norm,
+    ffn_{gate,up,down}, post_ffw_norm.  Only for load/refusal tests.
+    """
+    path = str(path)
+    head_dim = n_embd // n_head
+    rng = np.random.default_rng(seed)
+
+    def randn(*shape, std=1.0):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    w = gguf.GGUFWriter(path, "gemma3")
+    w.add_name("tiny-random-gemma3")
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    w.add_sliding_window(sliding_window)
+    w.add_uint32("gemma3.attention.sliding_window_pattern", sliding_window_pattern)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    _add_spm_vocab(w, n_vocab)
+
+    s = 1.0 / np.sqrt(n_embd)
+    w.add_tensor("token_embd.weight", randn(n_vocab, n_embd, std=s))
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        w.add_tensor(p + "attn_norm.weight", randn(n_embd, std=0.1))
+        w.add_tensor(p + "attn_q.weight", randn(n_head * head_dim, n_embd, std=s))
+        w.add_tensor(p + "attn_k.weight", randn(n_head_kv * head_dim, n_embd, std=s))
+        w.add_tensor(p + "attn_v.weight", randn(n_head_kv * head_dim, n_embd, std=s))
+        w.add_tensor(p + "attn_output.weight", randn(n_embd, n_head * head_dim, std=s))
+        w.add_tensor(p + "attn_q_norm.weight", randn(head_dim, std=0.1))
+        w.add_tensor(p + "attn_k_norm.weight", randn(head_dim, std=0.1))
+        w.add_tensor(p + "post_attention_norm.weight", randn(n_embd, std=0.1))
+        w.add_tensor(p + "ffn_norm.weight", randn(n_embd, std=0.1))
+        w.add_tensor(p + "ffn_gate.weight", randn(n_ff, n_embd, std=s))
+        w.add_tensor(p + "ffn_up.weight", randn(n_ff, n_embd, std=s))
+        w.add_tensor(p + "ffn_down.weight", randn(n_embd, n_ff, std=1.0 / np.sqrt(n_ff)))
+        w.add_tensor(p + "post_ffw_norm.weight", randn(n_embd, std=0.1))
+    w.add_tensor("output_norm.weight", randn(n_embd, std=0.1))
 
     w.write_header_to_file()
     w.write_kv_data_to_file()
