@@ -42,7 +42,8 @@ install: $(PY) ccache
 	$(PIP) install --quiet --no-deps --no-build-isolation .
 
 test: install
-	$(PIP) install --quiet "torch==2.13.0" "gguf>=0.10" "pytest>=7"
+	$(PIP) install --quiet "pytest>=7" "gguf>=0.10" "torch==2.13.0" "transformers==4.57.6" \
+		"sentencepiece>=0.1.98,<0.3.0" "safetensors>=0.4.3" "matplotlib>=3.5"
 	$(VENV)/bin/pytest -q tests
 
 demo: install

@@ -2,14 +2,21 @@
 
     lminf generate -p "Once upon a time" -n 64
     lminf generate -f book.txt -n 128 --n-local 4096
+    lminf chat --n-local 2048            (a REPL on stdin; /reset, /save FILE, /load FILE, /quit)
     lminf info [MODEL]
+    lminf convert HF_DIR -o model.gguf --quant Q4_K_M      lminf meta model.gguf --set lminf.n_local=4096
+    lminf serve --port 8080                                 (OpenAI-compatible, 127.0.0.1)
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
+from pathlib import Path
+
+from . import convert, server
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -41,51 +48,156 @@ class _Progress:
         self.enabled = sys.stderr.isatty()
 
     def update(self, done: int, total: int) -> None:
+        """done of total tokens."""
+        self.update_fraction(done, done / total if total else 1.0, f"{done}/{total} tokens")
+
+    def update_fraction(self, done: int, fraction, what: str = "") -> None:
+        """done tokens, fraction of the input read (None: unknown)."""
         if not self.enabled:
             return
-        rate = done / max(time.perf_counter() - self.t0, 1e-9)
-        eta = (total - done) / rate if rate > 0 else 0.0
-        end = "\n" if done >= total else ""
-        sys.stderr.write(f"\r{self.label}: {done}/{total} tokens, {rate:.0f} tok/s, ETA {eta:.0f} s {end}")
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        rate = done / elapsed
+        if fraction:
+            eta = f", ETA {elapsed * (1 - fraction) / fraction:.0f} s"
+            what = what or f"{done} tokens, {100 * fraction:.0f}%"
+        else:
+            eta, what = "", what or f"{done} tokens"
+        sys.stderr.write(f"\r{self.label}: {what}, {rate:.0f} tok/s{eta}\033[K")
         sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _sampling(args) -> dict:
+    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, seed=args.seed)
 
 
 def cmd_generate(args) -> int:
     if args.file:
-        with open(args.file, "rb") as f:
-            prompt = f.read().decode("utf-8", errors="replace")
+        source = Path(args.file)
+        if not source.is_file():
+            raise FileNotFoundError(f"prompt file not found: {args.file}")
     else:
-        prompt = args.prompt
-    if not prompt:
+        source = args.prompt
+    if not source:
         raise ValueError("empty prompt: give -p TEXT or -f FILE with some text")
     llm = _open(args)
     progress = _Progress("prompt")
-    pieces = llm.generate(prompt, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
-                          top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
-                          stream=True, progress=progress.update)
-    for piece in pieces:
+    # the file is read and tokenised chunk by chunk (lminf_gguf.text), evaluated n_batch tokens at a time
+    n = llm.feed(source, progress=progress.update_fraction)
+    progress.finish()
+    if n == 0:
+        raise ValueError(f"empty prompt: {args.file} holds no text")
+    for piece in llm.generate("", fresh=False, max_tokens=args.n_predict, stream=True, **_sampling(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
 
 
+CHAT_HELP = """commands: /reset (forget the conversation), /save FILE, /load FILE (the conversation and its cache),
+/quit (or end of input), /help. Ctrl-C during a reply stops that reply."""
+
+
+def cmd_chat(args) -> int:
+    from .engine import StateError
+    from .cache import ContextFullError
+
+    llm = _open(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    interactive = sys.stdin.isatty()
+    generating = False
+
+    def on_sigint(signum, frame):
+        if generating:
+            llm.cancel()          # stop this reply, keep the session
+        else:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    if interactive:
+        sys.stderr.write(f"lminf chat ({llm.model_name}, G = {llm.n_global}, L = {llm.n_local}). {CHAT_HELP}\n")
+    try:
+        while True:
+            if interactive:
+                sys.stdout.write("> ")
+                sys.stdout.flush()
+            line = sys.stdin.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                cmd, _, arg = line.partition(" ")
+                arg = arg.strip()
+                try:
+                    if cmd == "/quit":
+                        break
+                    elif cmd == "/reset":
+                        llm.reset()
+                        messages = list(system)
+                        _note("conversation reset")
+                    elif cmd == "/save":
+                        if not arg:
+                            raise ValueError("/save needs a file name")
+                        llm.save_state(arg, extra={"messages": messages})
+                        _note(f"saved {len(messages)} messages to {arg}")
+                    elif cmd == "/load":
+                        if not arg:
+                            raise ValueError("/load needs a file name")
+                        extra = llm.load_state(arg)
+                        messages = list(extra.get("messages") or [])
+                        _note(f"loaded {len(messages)} messages from {arg}")
+                    elif cmd == "/help":
+                        _note(CHAT_HELP)
+                    else:
+                        raise ValueError(f"unknown command {cmd} (try /help)")
+                except (StateError, ValueError, OSError) as e:
+                    sys.stderr.write(f"lminf: error: {e}\n")
+                    sys.stderr.flush()
+                continue
+            messages.append({"role": "user", "content": line})
+            reply, finish = "", None
+            generating = True
+            try:
+                for chunk in llm.create_chat_completion(messages, max_tokens=args.n_predict, stream=True,
+                                                        **_sampling(args)):
+                    choice = chunk["choices"][0]
+                    piece = choice["delta"].get("content") or ""
+                    finish = choice["finish_reason"] or finish
+                    reply += piece
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except ContextFullError as e:
+                messages.pop()
+                sys.stderr.write(f"lminf: error: {e}; /reset to start again\n")
+                continue
+            finally:
+                generating = False
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            if finish == "cancelled":
+                _note("(reply stopped)")
+            messages.append({"role": "assistant", "content": reply})
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 0
+
+
+def _note(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def cmd_info(args) -> int:
-    from .engine import LMInfinite
-    with LMInfinite(args.model) as llm:
-        md = llm.metadata
-        arch = md.get("general.architecture", "?")
-        print(f"model:           {llm.model_path}")
-        print(f"architecture:    {arch}")
-        print(f"trained context: {llm.n_ctx_train}")
-        print(f"vocabulary:      {llm.n_vocab}")
-        for key in ("rope.freq_base", "rope.scaling.type", "rope.scaling.factor"):
-            if f"{arch}.{key}" in md:
-                print(f"{key + ':':17s}{md[f'{arch}.{key}']}")
-        print(f"LM-Infinite:     G = {llm.n_global}, L = {llm.n_local}, C = {llm.dist_max}"
-              f" ({'from the file' if any(k.startswith('lminf.') for k in md) else 'defaults'})")
-        info = llm.cache_info()
-        print(f"KV cells:        {info['cells_total']} (bound G + L + n_ubatch = {info['cells_bound']})")
+    from .convert import print_info
+    print_info(args.model)
     return 0
 
 
@@ -97,21 +209,38 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="continue a prompt or a text file of any length")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("-p", "--prompt", help="prompt text")
-    src.add_argument("-f", "--file", help="read the prompt from a file")
+    src.add_argument("-f", "--file", help="read the prompt from a file (streamed: any size)")
     g.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
-    g.add_argument("--temp", type=float, default=0.8, help="temperature, 0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=40)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--min-p", type=float, default=0.05)
-    g.add_argument("--repeat-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    _sampling_flags(g, 0.8)
     _model_flags(g)
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("info", help="architecture, context and LM-Infinite settings of a model")
+    c = sub.add_parser("chat", help="chat on stdin with the model's chat template; history of any length",
+                       description="Chat REPL: one user message per line on stdin (a terminal or a pipe). "
+                       + CHAT_HELP)
+    c.add_argument("-s", "--system", help="system message")
+    c.add_argument("-n", "--n-predict", type=int, default=256, help="most tokens per reply (default 256)")
+    _sampling_flags(c, 0.2)
+    _model_flags(c)
+    c.set_defaults(func=cmd_chat)
+
+    i = sub.add_parser("info", help="architecture, context, rope, LM-Infinite settings and tensor types of a "
+                       "GGUF file (read without loading the model)")
     i.add_argument("model", nargs="?", help="GGUF model path (default: the offline default model)")
     i.set_defaults(func=cmd_info)
+
+    convert.add_parsers(sub)
+    server.add_parser(sub)
     return ap
+
+
+def _sampling_flags(p: argparse.ArgumentParser, temp: float) -> None:
+    p.add_argument("--temp", type=float, default=temp, help=f"temperature, 0 = greedy (default {temp})")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
 
 
 def main(argv=None) -> int:

@@ -6,16 +6,25 @@ Modes
   "mask"    Λ-mask only (no ceiling); flash attention as requested.
   "vanilla" unchanged llama.cpp with an n_ctx cache; streams longer than n_ctx raise ContextFullError.
 
-Thread safety: an LMInfinite object holds one llama.cpp context and must be used by one thread at a time;
-create one object per thread (each loads its own copy of the model).
+Thread safety: an LMInfinite object holds one llama.cpp context and must be used by one thread at a time
+(including the iteration of its streams); create one object per thread (each loads its own copy of the model):
+objects in different threads do not share state and give the same results as serial runs (tested). The one
+method meant for another thread (or a signal handler) is cancel().
 """
 
 from __future__ import annotations
 
 import codecs
 import ctypes
+import hashlib
+import json
 import os
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+import struct
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -23,6 +32,7 @@ from . import _lib
 from ._lib import llama_cpp, llama_raw
 from .cache import ContextFullError, SequenceCache
 from .models import default_model_path, lminf_defaults
+from .text import FileChunks, iter_token_blocks
 
 MODES = ("vanilla", "mask", "lminf")
 
@@ -34,7 +44,7 @@ KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
 _FLASH = {None: "LLAMA_FLASH_ATTN_TYPE_AUTO", True: "LLAMA_FLASH_ATTN_TYPE_ENABLED",
           False: "LLAMA_FLASH_ATTN_TYPE_DISABLED"}
 
-__all__ = ["LMInfinite", "ContextFullError", "MODES"]
+__all__ = ["LMInfinite", "ContextFullError", "Cancelled", "StateError", "MODES", "CHATML_TEMPLATE"]
 
 
 class LMInfinite:
@@ -90,6 +100,14 @@ class LMInfinite:
         self.dist_max = dist_max or defaults["dist_max"] or self.n_local
         self.n_batch = n_batch
         self.n_ubatch = min(n_ubatch or n_batch, n_batch)
+        self.type_k, self.type_v = type_k, type_v
+        self._cancel = threading.Event()
+        self._last: Optional[np.ndarray] = None    # logits after the last evaluated token
+        self._text: Optional[bytearray] = None     # the text the sequence holds, when known (chat reuse)
+        self._formatter = None
+        self._template_source = None
+        self._bos_text = ""
+        self._model_id: Optional[str] = None
 
         cparams = llama_raw.llama_context_default_params()
         cparams.n_batch = n_batch
@@ -168,6 +186,18 @@ class LMInfinite:
     def reset(self) -> None:
         """Start a fresh sequence."""
         self._cache.reset()
+        self._last = None
+        self._text = None
+
+    def cancel(self) -> None:
+        """Ask the call in progress (from another thread, or a signal handler) to stop at the next token or batch.
+
+        Generation (generate, create_completion, create_chat_completion) then ends early with finish_reason
+        "cancelled" and the text produced so far; feed and nll raise Cancelled. Every such call clears the
+        request when it starts, so cancel() never affects a later call. The session stays usable: the sequence
+        holds what was evaluated before the stop.
+        """
+        self._cancel.set()
 
     def _decode(self, tokens: Sequence[int], all_logits: bool) -> Optional[np.ndarray]:
         n = len(tokens)
@@ -184,15 +214,19 @@ class LMInfinite:
             batch.logits[k] = all_logits or k == n - 1
         rc = llama_raw.llama_decode(self.ctx, batch)
         if rc != 0:
+            self._text = None
             raise RuntimeError(f"llama_decode failed with code {rc} at stream position {self._cache.n_seen}")
         self._cache.advance(n)
         n_out = n if all_logits else 1
         ptr = llama_raw.llama_get_logits(self.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+        out = np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+        self._last = out[-1].copy()
+        return out
 
     def eval(self, tokens: Sequence[int], all_logits: bool = False) -> Iterator[np.ndarray]:
         """Append tokens to the sequence, n_batch at a time; yield each batch's logits (views, copy to keep)."""
         tokens = [int(t) for t in tokens]
+        self._text = None
         for start in range(0, len(tokens), self.n_batch):
             yield self._decode(tokens[start:start + self.n_batch], all_logits)
 
@@ -207,28 +241,104 @@ class LMInfinite:
             row += len(block)
         return out
 
-    def nll(self, tokens: Union[str, Sequence[int]]) -> np.ndarray:
+    def _token_blocks(self, source, path, add_bos: bool = True):
+        """(blocks of token ids, fraction-done function or None) for any accepted input (see nll)."""
+        if path is not None:
+            if source is not None:
+                raise TypeError("give either a source or path=, not both")
+            source = Path(path)
+        if isinstance(source, (bytes, bytearray)):
+            source = source.decode("utf-8", errors="replace")
+        if isinstance(source, str):
+            return iter_token_blocks(self.tokenize, [source], add_bos=add_bos), None
+        if isinstance(source, os.PathLike):
+            chunks = FileChunks(source)
+            return iter_token_blocks(self.tokenize, chunks, add_bos=add_bos), chunks.fraction
+        if isinstance(source, np.ndarray) and source.dtype.kind in "iu":
+            return [[int(t) for t in source.reshape(-1)]], None
+        if isinstance(source, Sequence) and (len(source) == 0 or isinstance(source[0], (int, np.integer))):
+            return [[int(t) for t in source]], None
+        if isinstance(source, Iterable):
+            return iter_token_blocks(self.tokenize, _text_only(source), add_bos=add_bos), None
+        raise TypeError(f"expected token ids, text, a pathlib.Path or an iterable of text chunks, not "
+                        f"{type(source).__name__}")
+
+    def _batches(self, blocks) -> Iterator[list]:
+        """Regroup blocks of ids into lists of n_batch (the last one shorter), holding one batch at a time."""
+        buf: list = []
+        for block in blocks:
+            buf.extend(block)
+            while len(buf) >= self.n_batch:
+                yield buf[:self.n_batch]
+                buf = buf[self.n_batch:]
+        if buf:
+            yield buf
+
+    def feed(self, source=None, *, path: Union[str, os.PathLike, None] = None, add_bos: Optional[bool] = None,
+             progress: Optional[Callable[[int, Optional[float]], None]] = None) -> int:
+        """Append an input of any length to the current sequence (no logits kept); return the tokens fed.
+
+        source: as for nll. add_bos: default True for an empty sequence, else False. progress(tokens_done,
+        fraction_done or None) is called after each batch. Raises Cancelled when cancel() is called.
+        """
+        self._cancel.clear()
+        if add_bos is None:
+            add_bos = self._cache.n_seen == 0
+        blocks, fraction = self._token_blocks(source, path, add_bos)
+        done = 0
+        for batch in self._batches(blocks):
+            if self._cancel.is_set():
+                raise Cancelled(f"feed cancelled after {done} tokens")
+            self._text = None
+            self._decode(batch, all_logits=False)
+            done += len(batch)
+            if progress:
+                progress(done, fraction() if fraction else None)
+        return done
+
+    def iter_nll(self, source=None, *, path: Union[str, os.PathLike, None] = None,
+                 progress: Optional[Callable[[int, Optional[float]], None]] = None) -> Iterator[np.ndarray]:
+        """nll() as a stream of float64 arrays, one per batch (constant memory whatever the input length)."""
+        self._cancel.clear()
+        blocks, fraction = self._token_blocks(source, path, True)
+        return self._iter_nll(blocks, fraction, progress)
+
+    def _iter_nll(self, blocks, fraction, progress):
+        self.reset()
+        prev = None      # logits row of the last position of the previous batch
+        done = 0
+        for batch in self._batches(blocks):
+            if self._cancel.is_set():
+                raise Cancelled(f"nll cancelled after {done} tokens")
+            rows = self._decode(batch, all_logits=True).astype(np.float64)
+            done += len(batch)
+            if prev is not None:
+                rows_used = np.concatenate([prev[None, :], rows[:-1]])
+                targets = batch
+            else:
+                rows_used, targets = rows[:-1], batch[1:]
+            prev = rows[-1].copy()
+            if len(targets):
+                top = rows_used.max(axis=1, keepdims=True)
+                lse = np.log(np.exp(rows_used - top).sum(axis=1)) + top[:, 0]
+                yield lse - rows_used[np.arange(len(targets)), targets]
+            if progress:
+                progress(done, fraction() if fraction else None)
+        if done < 2:
+            raise ValueError("nll needs at least two tokens")
+
+    def nll(self, source=None, *, path: Union[str, os.PathLike, None] = None,
+            progress: Optional[Callable[[int, Optional[float]], None]] = None) -> np.ndarray:
         """Negative log-likelihood [n - 1] of each token given the ones before it, for a fresh sequence.
 
-        Streams n_batch tokens at a time: memory does not grow with the stream length beyond the result.
+        source: token ids (a sequence of int or an integer numpy array), text (str: always text, never a file
+        name), a file (pathlib.Path / os.PathLike, or the path= keyword for a str path), or an iterable of
+        text chunks. Texts and files are tokenised chunk by chunk (lminf_gguf.text, same ids as whole-text
+        tokenisation) and evaluated n_batch tokens at a time: memory does not grow with the input beyond the
+        result (8 bytes a token; iter_nll streams even that). Raises Cancelled when cancel() is called.
         """
-        if isinstance(tokens, str):
-            tokens = self.tokenize(tokens)
-        tokens = [int(t) for t in tokens]
-        if len(tokens) < 2:
-            raise ValueError("nll needs at least two tokens")
-        self.reset()
-        out = np.empty(len(tokens) - 1, dtype=np.float64)
-        start = 0
-        for block in self.eval(tokens, all_logits=True):
-            n = len(block)
-            targets = tokens[start + 1:start + n + 1]
-            rows = block[:len(targets)].astype(np.float64)
-            top = rows.max(axis=1, keepdims=True)
-            lse = np.log(np.exp(rows - top).sum(axis=1)) + top[:, 0]
-            out[start:start + len(targets)] = lse - rows[np.arange(len(targets)), targets]
-            start += n
-        return out
+        parts = list(self.iter_nll(source, path=path, progress=progress))
+        return np.concatenate(parts) if parts else np.empty(0)
 
     def cache_info(self) -> dict:
         """KV cells allocated and in use, the cells bound, and where the stream stands."""
@@ -267,60 +377,369 @@ class LMInfinite:
     def generate(self, prompt: Union[str, Sequence[int]], max_tokens: int = 128, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                  seed: Optional[int] = None, stop: Union[str, Iterable[str], None] = None,
-                 stream: bool = False, progress: Optional[Callable[[int, int], None]] = None
-                 ) -> Union[str, Iterator[str]]:
-        """Continue a prompt of any length in a fresh sequence: the text, or an iterator of pieces (stream).
+                 stream: bool = False, progress: Optional[Callable[[int, int], None]] = None,
+                 fresh: bool = True) -> Union[str, Iterator[str]]:
+        """Continue a prompt of any length: the text, or an iterator of pieces (stream).
 
-        progress(done, total) is called after each batch of the prompt.
+        fresh=False appends the prompt (which may then be empty) to the current sequence instead of starting a
+        new one. progress(done, total) is called after each batch of the prompt.
         """
-        tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not tokens:
+        self._cancel.clear()
+        tokens = self._prompt_tokens(prompt, fresh)
+        if not tokens and fresh:
             raise ValueError("empty prompt")
-        pieces = self._generate(tokens, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed,
-                                [stop] if isinstance(stop, str) else list(stop or []), progress)
+        pieces = self._generate(tokens, fresh, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed,
+                                _stops(stop), progress, None, {})
         return pieces if stream else "".join(pieces)
 
-    def _generate(self, tokens, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stops,
-                  progress):
-        self.reset()
+    def _prompt_tokens(self, prompt, fresh: bool) -> list:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt, add_bos=fresh or self._cache.n_seen == 0) if prompt else []
+        return [int(t) for t in prompt]
+
+    def _generate(self, tokens, fresh, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stops,
+                  progress, text: Optional[bytes], info: dict) -> Iterator[str]:
+        """Evaluate the prompt tokens, then sample; yield text pieces. info gets finish_reason, prompt_tokens,
+        completion_tokens. text: the bytes the prompt tokens stand for (chat prefix tracking), or None."""
+        info.update(finish_reason="cancelled", prompt_tokens=len(tokens), completion_tokens=0)
+        if fresh:
+            self.reset()
+        prev_text = self._text
+        self._text = None
         done = 0
-        for block in self.eval(tokens):
+        for start in range(0, len(tokens), self.n_batch):
+            if self._cancel.is_set():
+                return
+            self._decode(tokens[start:start + self.n_batch], all_logits=False)
             done = min(done + self.n_batch, len(tokens))
             if progress:
                 progress(done, len(tokens))
+        if text is not None:
+            self._text = bytearray(text) if fresh else (prev_text + text if prev_text is not None else None)
+        if self._last is None:
+            raise ValueError("nothing to continue: empty prompt and empty sequence")
+        if max_tokens is None or max_tokens <= 0:
+            max_tokens = self.n_local if self.mode != "vanilla" else self._cache.n_ctx - self._cache.pos
         sampler = self._sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        cand = llama_cpp._internals.LlamaTokenDataArray(n_vocab=self.n_vocab)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         vocab = self._model.vocab
-        text = ""
-        holder = _ContextRef(self.ctx)
+        generated = ""   # text sampled so far
+        emitted = 0      # characters of it already yielded
+        hold = max((len(s) for s in stops), default=0)
         try:
             for _ in range(max_tokens):
-                tok = sampler.sample(holder, -1)
-                if llama_raw.llama_vocab_is_eog(vocab, tok):
+                if self._cancel.is_set():
+                    info["finish_reason"] = "cancelled"
                     break
-                sampler.accept(tok)
-                piece = decoder.decode(self._piece(tok))
-                text += piece
-                hit = next((s for s in stops if s and s in text), None)
-                if hit is not None:
-                    cut = text.index(hit)
-                    tail = piece[:max(0, len(piece) - (len(text) - cut))]
-                    if tail:
-                        yield tail
-                    return
-                if piece:
-                    yield piece
+                cand.copy_logits(self._last)
+                llama_raw.llama_sampler_apply(sampler.sampler, ctypes.byref(cand.candidates))
+                tok = int(cand.candidates_data.id[cand.candidates.selected])
+                if llama_raw.llama_vocab_is_eog(vocab, tok):
+                    info["finish_reason"] = "stop"
+                    break
+                llama_raw.llama_sampler_accept(sampler.sampler, tok)
+                info["completion_tokens"] += 1
+                piece = self._piece(tok)
+                generated += decoder.decode(piece)
+                if stops:
+                    hits = [i for i in (generated.find(s, max(0, emitted - len(s))) for s in stops) if i >= 0]
+                    if hits:
+                        cut = min(hits)
+                        if cut > emitted:
+                            yield generated[emitted:cut]
+                        info["finish_reason"] = "stop"
+                        return
+                    # hold back a tail that may be the start of a stop string
+                    safe = len(generated)
+                    for k in range(1, min(hold, len(generated)) + 1):
+                        if any(s.startswith(generated[-k:]) for s in stops):
+                            safe = len(generated) - k
+                else:
+                    safe = len(generated)
+                if safe > emitted:
+                    yield generated[emitted:safe]
+                    emitted = safe
                 self._decode([tok], all_logits=False)
-            rest = decoder.decode(b"", final=True)
-            if rest:
-                yield rest
+                if self._text is not None:
+                    self._text += piece
+            else:
+                info["finish_reason"] = "length"
+            generated += decoder.decode(b"", final=True)
+            if len(generated) > emitted:
+                yield generated[emitted:]
         finally:
             sampler.close()
 
+    # -- OpenAI-style API (the dict shapes of llama-cpp-python's Llama) ---------------------------------------
 
-class _ContextRef:
-    """The attribute LlamaSampler.sample() reads from a context wrapper."""
+    @property
+    def model_name(self) -> str:
+        return os.path.basename(self.model_path)
 
-    def __init__(self, ctx):
-        self.ctx = ctx
+    def create_completion(self, prompt: Union[str, Sequence[int]], max_tokens: Optional[int] = 16,
+                          temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
+                          repeat_penalty: float = 1.0, seed: Optional[int] = None,
+                          stop: Union[str, List[str], None] = None, stream: bool = False, fresh: bool = True,
+                          progress: Optional[Callable[[int, int], None]] = None):
+        """Text completion with the dict shape of llama_cpp.Llama.create_completion ("text_completion"; with
+        stream=True an iterator of chunks, the last one with text "" and the finish_reason).
 
+        The prompt is evaluated in a fresh sequence unless fresh=False (then it is appended to the current
+        one; an empty prompt continues it). max_tokens None or <= 0: up to n_local tokens. finish_reason is
+        "stop" (end of generation token or stop string), "length", or "cancelled" (see cancel()).
+        """
+        self._cancel.clear()
+        tokens = self._prompt_tokens(prompt, fresh)
+        if not tokens and fresh:
+            raise ValueError("empty prompt")
+        info: dict = {}
+        pieces = self._generate(tokens, fresh, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
+                                seed, _stops(stop), progress, None, info)
+        cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
+        if stream:
+            return self._completion_chunks(pieces, info, cid, created)
+        text = "".join(pieces)
+        return {
+            "id": cid, "object": "text_completion", "created": created, "model": self.model_name,
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": info["finish_reason"]}],
+            "usage": {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
+                      "total_tokens": info["prompt_tokens"] + info["completion_tokens"]},
+        }
+
+    def _completion_chunks(self, pieces, info, cid, created):
+        def chunk(text, finish):
+            return {"id": cid, "object": "text_completion", "created": created, "model": self.model_name,
+                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+        for piece in pieces:
+            yield chunk(piece, None)
+        yield chunk("", info["finish_reason"])
+
+    def chat_formatter(self):
+        """The Jinja2 chat formatter of this model: the GGUF tokenizer.chat_template, or CHATML_TEMPLATE."""
+        if self._formatter is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            vocab = self._model.vocab
+
+            def tok_text(tok):
+                return self._piece(tok).decode("utf-8", errors="replace") if tok >= 0 else ""
+
+            bos, eos = tok_text(llama_raw.llama_vocab_bos(vocab)), tok_text(llama_raw.llama_vocab_eos(vocab))
+            template = self.metadata.get("tokenizer.chat_template")
+            formatter = None
+            if template:
+                try:
+                    formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
+                    formatter(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+                except Exception:  # a template jinja2 cannot compile or render: use the fallback
+                    formatter = None
+            self._template_source = "gguf" if formatter is not None else "chatml-fallback"
+            self._formatter = formatter or Jinja2ChatFormatter(CHATML_TEMPLATE, eos_token=eos, bos_token=bos)
+            self._bos_text = bos
+        return self._formatter
+
+    def render_chat(self, messages: List[dict]) -> str:
+        """The prompt for messages: the model's chat template (falling back to ChatML when it fails)."""
+        formatter = self.chat_formatter()
+        try:
+            return formatter(messages=messages).prompt
+        except Exception:
+            if self._template_source != "gguf":
+                raise
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+            return Jinja2ChatFormatter(CHATML_TEMPLATE, eos_token="", bos_token="")(messages=messages).prompt
+
+    def create_chat_completion(self, messages: List[dict], max_tokens: Optional[int] = None,
+                               temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40,
+                               min_p: float = 0.05, repeat_penalty: float = 1.0, seed: Optional[int] = None,
+                               stop: Union[str, List[str], None] = None, stream: bool = False):
+        """Chat completion with the dict shape of llama_cpp.Llama.create_chat_completion ("chat.completion";
+        with stream=True "chat.completion.chunk" dicts: a first delta {"role": "assistant"}, then {"content"},
+        then {} with the finish_reason).
+
+        The conversation stays in the sequence: when the newly rendered prompt extends the text the sequence
+        already holds (the previous prompt plus the reply as generated), only the new part is evaluated;
+        otherwise the prompt is evaluated from scratch. The KV cache stays bounded however long the history.
+        usage.prompt_tokens counts the tokens evaluated by this call (the new part only, when reused). The
+        template is the GGUF tokenizer.chat_template, or CHATML_TEMPLATE when there is none or it fails.
+        """
+        if not messages:
+            raise ValueError("messages must not be empty")
+        self._cancel.clear()
+        prompt = self.render_chat(list(messages))
+        data = prompt.encode("utf-8", errors="replace")
+        held = self._text
+        if held is not None and len(data) > len(held) and data.startswith(bytes(held)):
+            tokens = self._model.tokenize(data[len(held):], False, True)
+            fresh, text = False, data[len(held):]
+        else:
+            add_bos = not (self._bos_text and prompt.startswith(self._bos_text))
+            tokens = self._model.tokenize(data, add_bos, True)
+            fresh, text = True, data
+        info: dict = {}
+        pieces = self._generate(tokens, fresh, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
+                                seed, _stops(stop) + ["<|im_end|>"] * (self._template_source != "gguf"), None,
+                                text, info)
+        cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
+        from llama_cpp.llama_chat_format import _convert_completion_to_chat
+        if stream:
+            return _convert_completion_to_chat(self._completion_chunks(pieces, info, cid, created), stream=True)
+        reply = "".join(pieces)
+        completion = {
+            "id": cid, "object": "text_completion", "created": created, "model": self.model_name,
+            "choices": [{"text": reply, "index": 0, "logprobs": None, "finish_reason": info["finish_reason"]}],
+            "usage": {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
+                      "total_tokens": info["prompt_tokens"] + info["completion_tokens"]},
+        }
+        return _convert_completion_to_chat(completion, stream=False)
+
+    # -- state ------------------------------------------------------------------------------------------------
+
+    def model_id(self) -> str:
+        """Identity of the model file stored in state files: its size and a sha256 of its first and last MiB."""
+        if self._model_id is None:
+            h = hashlib.sha256()
+            size = os.path.getsize(self.model_path)
+            with open(self.model_path, "rb") as f:
+                h.update(f.read(1 << 20))
+                f.seek(max(0, size - (1 << 20)))
+                h.update(f.read(1 << 20))
+            self._model_id = f"{size}:{h.hexdigest()}"
+        return self._model_id
+
+    def _settings(self) -> dict:
+        return {"mode": self.mode, "n_global": self.n_global, "n_local": self.n_local,
+                "dist_max": self.dist_max, "type_k": self.type_k, "type_v": self.type_v, "n_vocab": self.n_vocab}
+
+    def save_state(self, path: Union[str, os.PathLike], extra: Optional[dict] = None) -> int:
+        """Write the sequence (the bounded KV cache, the position bookkeeping, the last logits and the text the
+        chat API tracks) to a file; return its size in bytes. extra: any JSON-serialisable dict, given back by
+        load_state.
+
+        The live cache is re-laid out as load_state lays it out, so that this session and one restored from
+        the file continue identically.
+
+        Format: STATE_MAGIC, u32 version, u32 header length, JSON header (model path and id, mode, G, L, C,
+        KV types, positions, n_seen, ...), then the last logits row, the tracked text and llama.cpp's
+        llama_state_seq_get_data() blob (each preceded by its u64 length), then a sha256 of all that.
+        """
+        size = llama_raw.llama_state_seq_get_size(self.ctx, 0)
+        blob = (ctypes.c_uint8 * max(size, 1))()
+        n = llama_raw.llama_state_seq_get_data(self.ctx, blob, size, 0)
+        if size and n == 0:
+            raise RuntimeError("llama.cpp could not serialise the sequence")
+        # lay the live cache out as load_state will (the cells compacted in order): attention sums run over the
+        # cells in cache order, and with quantised weights rounding differences grow, so without this a session
+        # continued after save_state could drift from one restored from the file
+        if n and llama_raw.llama_state_seq_set_data(self.ctx, blob, n, 0) == 0:
+            self.reset()
+            raise RuntimeError("llama.cpp could not re-read the sequence it saved; the session was reset")
+        c = self._cache
+        header = dict(self._settings(), format="lminf_gguf state", model_path=self.model_path,
+                      model_id=self.model_id(), pos=c.pos, n_seen=c.n_seen, n_rebase=c.n_rebase,
+                      rebase_at=c.rebase_at, has_logits=self._last is not None,
+                      has_text=self._text is not None, extra=extra or {})
+        hjson = json.dumps(header).encode()
+        logits = self._last.astype("<f4").tobytes() if self._last is not None else b""
+        text = bytes(self._text) if self._text is not None else b""
+        body = b"".join([STATE_MAGIC, struct.pack("<II", STATE_VERSION, len(hjson)), hjson,
+                         struct.pack("<Q", len(logits)), logits, struct.pack("<Q", len(text)), text,
+                         struct.pack("<Q", n), ctypes.string_at(blob, n)])
+        digest = hashlib.sha256(body).digest()
+        tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(body)
+            f.write(digest)
+        os.replace(tmp, path)
+        return len(body) + len(digest)
+
+    def load_state(self, path: Union[str, os.PathLike]) -> dict:
+        """Restore a sequence written by save_state (any process, same model and settings); return its extra.
+
+        The file is checked whole before the session is touched: a file that is not a state file, corrupt,
+        truncated, or from another model or other settings raises StateError and leaves the session as it was.
+        """
+        path = os.fspath(path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise StateError(f"cannot read state file {path}: {e.strerror or e}") from None
+        if not data.startswith(STATE_MAGIC):
+            raise StateError(f"{path} is not an lminf_gguf state file (bad magic)")
+        if len(data) < len(STATE_MAGIC) + 8 + 32:
+            raise StateError(f"{path}: truncated state file")
+        version, hlen = struct.unpack_from("<II", data, len(STATE_MAGIC))
+        if version != STATE_VERSION:
+            raise StateError(f"{path}: state file version {version}, this lminf_gguf reads version "
+                             f"{STATE_VERSION}")
+        body, digest = data[:-32], data[-32:]
+        if hashlib.sha256(body).digest() != digest:
+            raise StateError(f"{path}: corrupt or truncated state file (checksum mismatch)")
+        try:
+            off = len(STATE_MAGIC) + 8
+            header = json.loads(body[off:off + hlen])
+            off += hlen
+            parts = []
+            for _ in range(3):
+                (n,) = struct.unpack_from("<Q", body, off)
+                parts.append(body[off + 8:off + 8 + n])
+                off += 8 + n
+            if off != len(body):
+                raise ValueError("trailing bytes")
+        except (ValueError, struct.error) as e:
+            raise StateError(f"{path}: malformed state file ({e})") from None
+        logits, text, blob = parts
+        if header.get("model_id") != self.model_id():
+            raise StateError(f"{path} was saved with another model ({header.get('model_path')}); this "
+                             f"session runs {self.model_path}")
+        mine = self._settings()
+        diff = [f"{k} {header.get(k)!r} (session: {v!r})" for k, v in mine.items() if header.get(k) != v]
+        if diff:
+            raise StateError(f"{path} was saved with other settings: {', '.join(diff)}")
+        if self.mode == "vanilla" and header["pos"] > self._cache.n_ctx:
+            raise StateError(f"{path} holds {header['pos']} positions, more than n_ctx = {self._cache.n_ctx}")
+        if len(logits) != (4 * self.n_vocab if header.get("has_logits") else 0):
+            raise StateError(f"{path}: malformed state file (logits size)")
+
+        self.reset()
+        if blob:
+            buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+            if llama_raw.llama_state_seq_set_data(self.ctx, buf, len(blob), 0) == 0:
+                self.reset()
+                raise StateError(f"{path}: llama.cpp refused the saved cache; the session was reset to an "
+                                 "empty sequence")
+        c = self._cache
+        c.pos, c.n_seen, c.n_rebase = int(header["pos"]), int(header["n_seen"]), int(header["n_rebase"])
+        self._last = np.frombuffer(logits, dtype="<f4").astype(np.float32) if logits else None
+        self._text = bytearray(text) if header.get("has_text") else None
+        return header.get("extra") or {}
+
+
+class Cancelled(RuntimeError):
+    """feed() or nll() stopped by cancel()."""
+
+
+class StateError(ValueError):
+    """A state file that cannot be loaded into this session (not a state file, corrupt, other model/settings)."""
+
+
+STATE_MAGIC = b"LMINFST\x00"
+STATE_VERSION = 1
+
+# the fallback chat template when the GGUF file has none, or one that cannot be rendered
+CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                   "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                   "{% endif %}")
+
+
+def _stops(stop) -> list:
+    return [s for s in ([stop] if isinstance(stop, str) else list(stop or [])) if s]
+
+
+def _text_only(chunks):
+    for chunk in chunks:
+        if isinstance(chunk, (bytes, bytearray)):
+            raise TypeError("text chunks must be str (decode bytes first, or pass a pathlib.Path)")
+        yield chunk

