@@ -22,7 +22,8 @@ class ContextFullError(RuntimeError):
 @dataclass
 class SequenceCache:
     ctx: object            # llama_context pointer
-    bounded: bool          # LM-Infinite cache (mask/lminf) or a plain n_ctx cache (vanilla)
+    bounded: bool          # LM-Infinite cache (mask/lminf) or a plain n_ctx cache (vanilla, shift)
+    shift: bool            # plain cache: llama.cpp's context shift when full (else ContextFullError)
     n_global: int
     n_local: int
     n_ctx: int             # vanilla: capacity in tokens
@@ -30,6 +31,7 @@ class SequenceCache:
     pos: int = 0           # next position inside llama.cpp
     n_seen: int = 0        # tokens evaluated since the last reset (the stream's true length)
     n_rebase: int = 0
+    n_shift: int = 0
 
     def reset(self) -> None:
         llama_raw.llama_memory_clear(llama_raw.llama_get_memory(self.ctx), True)
@@ -39,6 +41,8 @@ class SequenceCache:
     def reserve(self, n: int) -> int:
         """Make room for n tokens; return the position of the first."""
         if not self.bounded:
+            while self.shift and self.pos + n > self.n_ctx:
+                self._context_shift()
             if self.pos + n > self.n_ctx:
                 raise ContextFullError(
                     f"vanilla mode: {self.pos + n} tokens exceed n_ctx = {self.n_ctx}; "
@@ -51,6 +55,19 @@ class SequenceCache:
     def advance(self, n: int) -> None:
         self.pos += n
         self.n_seen += n
+
+    def _context_shift(self) -> None:
+        # as llama.cpp's examples do it: keep the first n_global tokens, drop half of the rest, move the
+        # remainder down; llama.cpp re-rotates the moved keys (K-shift) before the next decode
+        keep = self.n_global
+        discard = (self.pos - keep) // 2
+        if discard <= 0:
+            raise ContextFullError(f"shift mode: nothing left to discard (n_ctx = {self.n_ctx})")
+        mem = llama_raw.llama_get_memory(self.ctx)
+        llama_raw.llama_memory_seq_rm(mem, 0, keep, keep + discard)
+        llama_raw.llama_memory_seq_add(mem, 0, keep + discard, -1, -discard)
+        self.pos -= discard
+        self.n_shift += 1
 
     def _rebase(self) -> None:
         # the window of a query at pos is [pos - L + 1, pos - 1]; move it to [G + 1, G + L - 1], so that the next

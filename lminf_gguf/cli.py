@@ -19,10 +19,17 @@ from pathlib import Path
 from . import convert, server
 
 
-def _model_flags(p: argparse.ArgumentParser) -> None:
+MODE_HELP = ("attention: lminf = LM-Infinite (default), mask = Λ-mask only, shift = llama.cpp's context shift "
+             "at the same KV budget, vanilla = unchanged llama.cpp")
+
+
+def _model_flags(p: argparse.ArgumentParser, several_modes: bool = False) -> None:
     p.add_argument("-m", "--model", help="GGUF model path (default: the offline SmolLM2-135M-Instruct Q4_1)")
-    p.add_argument("--mode", default="lminf", choices=["lminf", "mask", "vanilla"],
-                   help="attention: LM-Infinite (default), Λ-mask only, or unchanged llama.cpp")
+    if several_modes:
+        p.add_argument("--mode", nargs="+", default=["lminf"], choices=["lminf", "mask", "shift", "vanilla"],
+                       help=MODE_HELP + "; several modes run one after the other")
+    else:
+        p.add_argument("--mode", default="lminf", choices=["lminf", "mask", "shift", "vanilla"], help=MODE_HELP)
     p.add_argument("--n-global", type=int, help="global (sink) tokens G (default: GGUF lminf.n_global, else 10)")
     p.add_argument("--n-local", type=int, help="window L (default: GGUF lminf.n_local, else trained context)")
     p.add_argument("--dist-max", type=int, help="distance ceiling C (default: GGUF lminf.dist_max, else L)")
@@ -33,10 +40,10 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
 
 
-def _open(args):
+def _open(args, mode=None, n_ctx=None):
     from .engine import LMInfinite
-    return LMInfinite(args.model, mode=args.mode, n_global=args.n_global, n_local=args.n_local,
-                      dist_max=args.dist_max, n_ctx=args.ctx_size, n_batch=args.batch_size,
+    return LMInfinite(args.model, mode=mode or args.mode, n_global=args.n_global, n_local=args.n_local,
+                      dist_max=args.dist_max, n_ctx=n_ctx or args.ctx_size, n_batch=args.batch_size,
                       n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
 
 
@@ -195,6 +202,75 @@ def _note(text: str) -> None:
     sys.stderr.flush()
 
 
+def cmd_perplexity(args) -> int:
+    import numpy as np
+
+    from . import evaluate
+    from .cache import ContextFullError
+
+    if not Path(args.file).is_file():
+        raise FileNotFoundError(f"no such file: {args.file}")
+    series = {}
+    for mode in args.mode:
+        # vanilla holds every token: its context is the token budget (or the trained context)
+        n_ctx = args.max_tokens + 1 if mode == "vanilla" and args.max_tokens else None
+        llm = _open(args, mode, n_ctx)
+        progress = _Progress(mode)
+        parts, n = [], 0
+        try:
+            for part in llm.iter_nll(path=args.file, progress=progress.update_fraction):
+                parts.append(part)
+                n += len(part)
+                if args.max_tokens and n >= args.max_tokens - 1:
+                    break
+        except ContextFullError:
+            _note(f"{mode}: stopped at its context size ({llm.cache_info()['cells_total']} cells)")
+        progress.finish()
+        nll = np.concatenate(parts)[: args.max_tokens - 1 if args.max_tokens else None]
+        series[mode] = nll
+        info = llm.cache_info()
+        llm.close()
+        print(f"{mode}: {len(nll) + 1} tokens, perplexity {np.exp(nll.mean()):.3f}, KV cells {info['cells_total']}")
+        for r in evaluate.bucket_perplexity(nll):
+            print(f"  positions [{r['lo']:>8d}, {r['hi']:>8d})  {r['tokens']:>8d} tokens  ppl {r['ppl']:10.3f}")
+    if args.csv:
+        evaluate.write_csv(args.csv, series)
+    if args.plot:
+        evaluate.plot_nll(args.plot, series, title=Path(args.file).name)
+    return 0
+
+
+def cmd_passkey(args) -> int:
+    from . import evaluate
+
+    if any(not 0 <= d <= 1 for d in args.depths):
+        raise ValueError("--depths must lie in [0, 1]")
+    tables = {}
+    for mode in args.mode:
+        n_ctx = max(args.lengths) + 64 if mode == "vanilla" else None
+        llm = _open(args, mode, n_ctx)
+        table = evaluate.passkey_grid(llm, args.lengths, args.depths, trials=args.trials, seed=args.seed)
+        llm.close()
+        tables[mode] = table
+        print(f"{mode}: accuracy by depth (rows) and prompt tokens (columns), {args.trials} trials each")
+        print("  depth " + "".join(f"{n:>9d}" for n in args.lengths))
+        for d in args.depths:
+            print(f"  {d:5.2f} " + "".join(f"{table[(n, d)]:9.2f}" for n in args.lengths))
+        if args.plot:
+            stem = Path(args.plot)
+            evaluate.plot_passkey(str(stem.with_name(f"{stem.stem}-{mode}{stem.suffix}")), table,
+                                  title=f"passkey, {mode}")
+    if args.csv:
+        import csv
+        with open(args.csv, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["mode", "tokens", "depth", "accuracy", "trials"])
+            for mode, table in tables.items():
+                for (n, d), acc in sorted(table.items()):
+                    w.writerow([mode, n, d, acc, args.trials])
+    return 0
+
+
 def cmd_info(args) -> int:
     from .convert import print_info
     print_info(args.model)
@@ -228,6 +304,29 @@ def build_parser() -> argparse.ArgumentParser:
                        "GGUF file (read without loading the model)")
     i.add_argument("model", nargs="?", help="GGUF model path (default: the offline default model)")
     i.set_defaults(func=cmd_info)
+
+    pp = sub.add_parser("perplexity", help="negative log-likelihood by position over a text of any length",
+                        description="Perplexity per power-of-two position bucket, streamed at constant memory; "
+                        "one run per --mode, a CSV and a plot of all of them.")
+    pp.add_argument("-f", "--file", required=True, help="text file (streamed: any size)")
+    pp.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
+    pp.add_argument("--csv", help="write mode, bucket, tokens, mean NLL, perplexity rows here")
+    pp.add_argument("--plot", help="write a PNG of NLL against position (log x axis) here")
+    _model_flags(pp, several_modes=True)
+    pp.set_defaults(func=cmd_perplexity)
+
+    pk = sub.add_parser("passkey", help="passkey retrieval accuracy over prompt lengths and depths",
+                        description="A random 5-digit key hidden at a depth of filler text, asked for at the end "
+                        "(greedy answer); seeded.")
+    pk.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="prompt tokens")
+    pk.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                    help="relative depth of the key (0 = start)")
+    pk.add_argument("--trials", type=int, default=5, help="prompts per cell (default 5)")
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--csv", help="write mode, tokens, depth, accuracy rows here")
+    pk.add_argument("--plot", help="heatmap PNG per mode (the mode is added to the file name)")
+    _model_flags(pk, several_modes=True)
+    pk.set_defaults(func=cmd_passkey)
 
     convert.add_parsers(sub)
     server.add_parser(sub)

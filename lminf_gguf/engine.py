@@ -5,6 +5,9 @@ Modes
             attention is turned off because the ceiling needs the attention scores.
   "mask"    Λ-mask only (no ceiling); flash attention as requested.
   "vanilla" unchanged llama.cpp with an n_ctx cache; streams longer than n_ctx raise ContextFullError.
+  "shift"   the baseline users have today: llama.cpp's context shift (keep the first n_global tokens, drop half
+            of the rest when the cache is full, re-rotate the remainder) over a cache of G + L + n_batch cells,
+            the KV budget of "lminf".
 
 Thread safety: an LMInfinite object holds one llama.cpp context and must be used by one thread at a time
 (including the iteration of its streams); create one object per thread (each loads its own copy of the model):
@@ -34,7 +37,7 @@ from .cache import ContextFullError, SequenceCache
 from .models import default_model_path, lminf_defaults
 from .text import FileChunks, iter_token_blocks
 
-MODES = ("vanilla", "mask", "lminf")
+MODES = ("vanilla", "shift", "mask", "lminf")
 
 # positions up to 2^24 are exact in float32
 MASK_REBASE_AT = 1 << 24
@@ -119,8 +122,11 @@ class LMInfinite:
         cparams.flash_attn_type = getattr(llama_raw, _FLASH[flash_attn])
         cparams.no_perf = True
 
-        if mode == "vanilla":
-            cparams.n_ctx = n_ctx or self.n_ctx_train
+        if mode in ("vanilla", "shift"):
+            if mode == "vanilla":
+                cparams.n_ctx = n_ctx or self.n_ctx_train
+            else:
+                cparams.n_ctx = self.n_global + self.n_local + n_batch
             ctx = llama_raw.llama_init_from_model(self._model.model, cparams)
         else:
             ceiling = self.dist_max if mode == "lminf" else 0
@@ -137,7 +143,8 @@ class LMInfinite:
         min_rebase = self.n_global + self.n_local + n_batch
         default_rebase = min_rebase + self.n_local if mode == "lminf" else MASK_REBASE_AT
         self._cache = SequenceCache(
-            ctx=ctx, bounded=mode != "vanilla", n_global=self.n_global, n_local=self.n_local,
+            ctx=ctx, bounded=mode in ("mask", "lminf"), shift=mode == "shift", n_global=self.n_global,
+            n_local=self.n_local,
             n_ctx=llama_raw.llama_n_ctx(ctx), rebase_at=max(rebase_at or default_rebase, min_rebase))
 
     # -- lifetime ---------------------------------------------------------------------------------------------
@@ -310,18 +317,14 @@ class LMInfinite:
         for batch in self._batches(blocks):
             if self._cancel.is_set():
                 raise Cancelled(f"nll cancelled after {done} tokens")
-            rows = self._decode(batch, all_logits=True).astype(np.float64)
+            rows = self._decode(batch, all_logits=True)
             done += len(batch)
-            if prev is not None:
-                rows_used = np.concatenate([prev[None, :], rows[:-1]])
-                targets = batch
-            else:
-                rows_used, targets = rows[:-1], batch[1:]
+            parts = [] if prev is None else [_nll_rows(prev[None, :], batch[:1])]
+            parts.append(_nll_rows(rows[:-1], batch[1:]))
             prev = rows[-1].copy()
-            if len(targets):
-                top = rows_used.max(axis=1, keepdims=True)
-                lse = np.log(np.exp(rows_used - top).sum(axis=1)) + top[:, 0]
-                yield lse - rows_used[np.arange(len(targets)), targets]
+            out = np.concatenate(parts)
+            if len(out):
+                yield out
             if progress:
                 progress(done, fraction() if fraction else None)
         if done < 2:
@@ -343,7 +346,7 @@ class LMInfinite:
     def cache_info(self) -> dict:
         """KV cells allocated and in use, the cells bound, and where the stream stands."""
         size, used = self._cache.cells()
-        bounded = self.mode != "vanilla"
+        bounded = self.mode in ("mask", "lminf")
         return {
             "mode": self.mode,
             "n_global": self.n_global,
@@ -355,6 +358,7 @@ class LMInfinite:
             "n_tokens": self._cache.n_seen,
             "position": self._cache.pos,
             "rebases": self._cache.n_rebase,
+            "shifts": self._cache.n_shift,
         }
 
     # -- generation -------------------------------------------------------------------------------------------
@@ -732,6 +736,18 @@ STATE_VERSION = 1
 CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
                    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
                    "{% endif %}")
+
+
+def _nll_rows(rows: np.ndarray, targets: Sequence[int]) -> np.ndarray:
+    """-log softmax(row)[target] per row, in float64, 64 rows at a time (a batch of float64 logits of a large
+    vocabulary would be hundreds of MB)."""
+    out = np.empty(len(targets))
+    for i in range(0, len(targets), 64):
+        r = rows[i:i + 64].astype(np.float64)
+        top = r.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(r - top).sum(axis=1)) + top[:, 0]
+        out[i:i + 64] = lse - r[np.arange(len(r)), targets[i:i + 64]]
+    return out
 
 
 def _stops(stop) -> list:

@@ -536,7 +536,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("LMINF_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $LMINF_API_KEY, else no check)")
     p.add_argument("--alias", help="model id reported by the API (default: the model file name)")
-    p.add_argument("--mode", default="lminf", choices=["lminf", "mask", "vanilla"],
+    p.add_argument("--mode", default="lminf", choices=["lminf", "mask", "shift", "vanilla"],
                    help="attention: LM-Infinite (default), Λ-mask only, or unchanged llama.cpp")
     p.add_argument("--n-global", type=int, help="global (sink) tokens G (default: GGUF lminf.n_global, else 10)")
     p.add_argument("--n-local", type=int, help="window L (default: GGUF lminf.n_local, else trained context)")

