@@ -529,24 +529,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models)",
         description="Serve one model over an OpenAI-compatible HTTP API. Requests are handled one at a time "
                     "(one llama.cpp context); conversations longer than the window are read with LM-Infinite.")
-    p.add_argument("-m", "--model", help="GGUF model path (default: the offline SmolLM2-135M-Instruct Q4_1)")
+    from .cli import _model_flags
+
+    _model_flags(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--api-key", default=os.environ.get("LMINF_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $LMINF_API_KEY, else no check)")
     p.add_argument("--alias", help="model id reported by the API (default: the model file name)")
-    p.add_argument("--mode", default="lminf", choices=["lminf", "mask", "shift", "vanilla"],
-                   help="attention: LM-Infinite (default), Λ-mask only, or unchanged llama.cpp")
-    p.add_argument("--n-global", type=int, help="global (sink) tokens G (default: GGUF lminf.n_global, else 10)")
-    p.add_argument("--n-local", type=int, help="window L (default: GGUF lminf.n_local, else trained context)")
-    p.add_argument("--dist-max", type=int, help="distance ceiling C (default: GGUF lminf.dist_max, else L)")
-    p.add_argument("-c", "--ctx-size", type=int, help="vanilla mode only: context size (default: trained)")
-    p.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per llama_decode call")
-    p.add_argument("-t", "--threads", type=int, help="CPU threads (default: all cores)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
     p.add_argument("--quiet", action="store_true", help="do not log requests")
-    p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     p.set_defaults(func=cmd_serve)
     return p
 
