@@ -24,7 +24,8 @@ MODE_HELP = ("attention: lminf = LM-Infinite (default), mask = Λ-mask only, shi
 
 
 def _model_flags(p: argparse.ArgumentParser, several_modes: bool = False) -> None:
-    p.add_argument("-m", "--model", help="GGUF model path (default: the offline SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("-m", "--model", help="GGUF model: a path or hf:OWNER/REPO/FILE.gguf (Hugging Face cache "
+                   "first; HF_HUB_OFFLINE=1 honoured); default: the offline SmolLM2-135M-Instruct Q4_1")
     if several_modes:
         p.add_argument("--mode", nargs="+", default=["lminf"], choices=["lminf", "mask", "shift", "vanilla"],
                        help=MODE_HELP + "; several modes run one after the other")
@@ -273,7 +274,8 @@ def cmd_passkey(args) -> int:
 
 def cmd_info(args) -> int:
     from .convert import print_info
-    print_info(args.model)
+    from .models import resolve_model
+    print_info(resolve_model(args.model))
     return 0
 
 

@@ -34,7 +34,7 @@ import numpy as np
 from . import _lib
 from ._lib import llama_cpp, llama_raw
 from .cache import ContextFullError, SequenceCache
-from .models import default_model_path, lminf_defaults
+from .models import lminf_defaults, resolve_model
 from .text import FileChunks, iter_token_blocks
 
 MODES = ("vanilla", "shift", "mask", "lminf")
@@ -80,7 +80,7 @@ class LMInfinite:
                 raise ValueError(f"{name} must be one of {', '.join(KV_TYPES)}, not {value!r}")
 
         _lib.set_verbose(verbose)
-        self.model_path = str(model) if model is not None else default_model_path()
+        self.model_path = resolve_model(model)
         if not os.path.isfile(self.model_path):
             raise FileNotFoundError(f"model file not found: {self.model_path}")
 

@@ -25,6 +25,30 @@ def default_model_path() -> str:
     return str(path)
 
 
+def resolve_model(spec=None) -> str:
+    """The file behind a model argument: None (the default model), a path, or hf:OWNER/REPO/FILE.gguf.
+
+    hf: models come from huggingface_hub, which uses its local cache first and honours HF_HUB_OFFLINE=1.
+    """
+    if spec is None:
+        return default_model_path()
+    spec = str(spec)
+    if not spec.startswith("hf:"):
+        return spec
+    parts = spec[3:].split("/")
+    if len(parts) < 3 or not all(parts):
+        raise ValueError(f"{spec}: Hugging Face models are named hf:OWNER/REPO/FILE.gguf")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise ImportError("hf: models need huggingface-hub (pip install huggingface-hub)") from None
+    try:
+        return hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]))
+    except Exception as e:  # offline without a cached copy, unknown repo or file, network errors
+        raise FileNotFoundError(f"{spec}: not in the local Hugging Face cache and not downloadable "
+                                f"({type(e).__name__})") from None
+
+
 def lminf_defaults(metadata: dict, n_ctx_train: int) -> dict:
     """LM-Infinite parameters stored in a model: GGUF keys lminf.* first, then G = 10 and L = trained context.
 

@@ -81,3 +81,31 @@ def test_import_fails_clearly_without_the_patched_library(tmp_path):
                          cwd=str(tmp_path))
     assert res.returncode != 0
     assert "patched libllama not found" in res.stderr and "make install" in res.stderr
+
+
+def _fake_hf_cache(root, repo, filename, source):
+    """The layout huggingface_hub reads offline: models--OWNER--NAME/{refs/main, snapshots/REV/FILE}."""
+    rev = "0" * 40
+    base = root / ("models--" + repo.replace("/", "--"))
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(rev)
+    snap = base / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (snap / filename).write_bytes(open(source, "rb").read())
+
+
+def test_hf_model_from_the_offline_cache(tiny_model, tmp_path):
+    pytest.importorskip("huggingface_hub")
+    path, _ = tiny_model()
+    _fake_hf_cache(tmp_path, "someone/tiny", "tiny.gguf", path)
+    code = ("import lminf_gguf; llm = lminf_gguf.LMInfinite('hf:someone/tiny/tiny.gguf', n_local=16); "
+            "print(llm.model_path); llm.logits([5, 6, 7])")
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path), HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("tiny.gguf") and str(tmp_path) in res.stdout
+    code = "import lminf_gguf; lminf_gguf.LMInfinite('hf:someone/absent/x.gguf')"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(tmp_path))
+    assert res.returncode != 0 and "not in the local Hugging Face cache" in res.stderr
+    with pytest.raises(ValueError, match="hf:OWNER/REPO/FILE.gguf"):
+        lminf_gguf.LMInfinite("hf:only-a-repo")
