@@ -64,7 +64,8 @@ def set_verbose(verbose: bool) -> None:
     """Route llama.cpp's log to stderr (verbose) or drop it."""
     global _log_callback
     if verbose:
-        llama_raw.llama_log_set(None, ctypes.c_void_p())
+        # a NULL callback restores llama.cpp's own logger (stderr); ctypes refuses a plain None here
+        llama_raw.llama_log_set(llama_raw.llama_log_callback(), ctypes.c_void_p())
         _log_callback = None
     else:
         _log_callback = llama_raw.llama_log_callback(lambda level, text, user: None)

@@ -35,6 +35,7 @@ from . import _lib
 from ._lib import llama_cpp, llama_raw
 from .cache import ContextFullError, SequenceCache
 from .models import lminf_defaults, resolve_model
+from .validate import check_model_file, guard_tokenize
 from .text import FileChunks, iter_token_blocks
 
 MODES = ("vanilla", "shift", "mask", "lminf")
@@ -84,6 +85,9 @@ class LMInfinite:
         if not os.path.isfile(self.model_path):
             raise FileNotFoundError(f"model file not found: {self.model_path}")
 
+        # hostile-file guard (lminf_gguf/validate.py): metadata the pinned llama.cpp would abort on -> ValueError
+        missing_bytes = check_model_file(self.model_path)
+
         mparams = llama_raw.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         try:
@@ -92,6 +96,8 @@ class LMInfinite:
         except ValueError as e:
             raise ValueError(f"cannot load model {self.model_path}: not a valid GGUF model for this "
                              f"llama.cpp ({e})") from None
+        if missing_bytes:  # hostile-file guard: llama_tokenize aborts on bytes the vocabulary lacks
+            self._model.tokenize = guard_tokenize(self._model.tokenize, missing_bytes, self.model_path)
 
         self.metadata = self._model.metadata()
         self.n_ctx_train = self._model.n_ctx_train()
