@@ -101,8 +101,8 @@ def main() -> None:
 
     rows = []
     floor = run(args, "lminf", args.n_global + args.n_local)
-    print(f"| depth | vanilla prefill tok/s | lminf prefill tok/s | ratio | vanilla decode ms | lminf decode ms | "
-          f"ratio | lminf / floor decode | vanilla KV MB | lminf KV MB | ratio | vanilla RSS MB | lminf RSS MB |")
+    print("| depth | vanilla prefill tok/s | lminf prefill tok/s | ratio | vanilla decode ms | lminf decode ms | "
+          "ratio | lminf / floor decode | vanilla KV MB | lminf KV MB | ratio | vanilla RSS MB | lminf RSS MB |")
     print("|" + "---|" * 13)
     for depth in args.depths:
         v, l = run(args, "vanilla", depth), run(args, "lminf", depth)

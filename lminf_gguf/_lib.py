@@ -23,7 +23,7 @@ if "llama_cpp" not in sys.modules:
     os.environ["LLAMA_CPP_LIB_PATH"] = str(LIB_DIR)
 
 try:
-    import llama_cpp  # noqa: E402
+    import llama_cpp  # noqa: E402,F401  (re-exported: the engine uses its _internals)
     import llama_cpp.llama_cpp as llama_raw  # noqa: E402
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(f"lminf_gguf: cannot import llama_cpp ({e}); install its Python layer with "

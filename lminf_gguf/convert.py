@@ -17,7 +17,6 @@ failure, or an interrupt, leaves no partial file behind.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import os

@@ -85,10 +85,10 @@ class _RReader:
         if kind == 2:  # pairlist: a dict of tag -> value
             out = {}
             while kind == 2:
-                attr = self.item() if has_attr else None
+                if has_attr:
+                    self.item()  # attributes of a pairlist cell: not needed here
                 tag = self.item() if has_tag else None
                 out[tag] = self.item()
-                del attr
                 flags = self.int()
                 kind, has_attr, has_tag = flags & 0xFF, bool(flags & (1 << 9)), bool(flags & (1 << 10))
             return out

@@ -3,7 +3,6 @@ window, streams beyond the trained context stay bounded, the CLI prints continua
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -5,7 +5,6 @@ tokens") and exit code 2 with one line in the CLI; nothing crashes."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
