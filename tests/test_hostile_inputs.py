@@ -11,14 +11,9 @@ import sys
 import pytest
 
 import lminf_gguf
+from conftest import needs_default_model
 
-try:
-    lminf_gguf.default_model_path()
-    HAVE_DEFAULT = True
-except FileNotFoundError:
-    HAVE_DEFAULT = False
-
-pytestmark = pytest.mark.skipif(not HAVE_DEFAULT, reason="default model not installed")
+pytestmark = needs_default_model
 
 INPUTS = {
     "invalid-utf8": b"caf\xc3 \xff\xfe\x80\x80 ok \xed\xa0\x80 end\n" * 20,

