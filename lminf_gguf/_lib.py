@@ -50,6 +50,23 @@ llama_init_from_model_lminf = _bind(
     "llama_init_from_model_lminf",
     [llama_raw.llama_model_p_ctypes, llama_raw.llama_context_params, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32],
     llama_raw.llama_context_p_ctypes)
+
+
+class llama_lminf_topk_params(ctypes.Structure):
+    _fields_ = [("k", ctypes.c_int32), ("layer_first", ctypes.c_int32), ("dist", ctypes.c_int32),
+                ("type", ctypes.c_int), ("seg_rows", ctypes.c_uint32), ("dir", ctypes.c_char_p)]
+
+
+llama_lminf_topk_default_params = _bind("llama_lminf_topk_default_params", [], llama_lminf_topk_params)
+llama_init_from_model_lminf_topk = _bind(
+    "llama_init_from_model_lminf_topk",
+    [llama_raw.llama_model_p_ctypes, llama_raw.llama_context_params, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+     llama_lminf_topk_params],
+    llama_raw.llama_context_p_ctypes)
+llama_lminf_topk_store_rows = _bind("llama_lminf_topk_store_rows", [llama_raw.llama_context_p_ctypes], ctypes.c_int64)
+llama_lminf_topk_row_bytes = _bind("llama_lminf_topk_row_bytes", [llama_raw.llama_context_p_ctypes], ctypes.c_size_t)
+llama_lminf_topk_store_bytes = _bind("llama_lminf_topk_store_bytes", [llama_raw.llama_context_p_ctypes],
+                                     ctypes.c_size_t)
 llama_lminf_enabled = _bind("llama_lminf_enabled", [llama_raw.llama_context_p_ctypes], ctypes.c_bool)
 llama_lminf_n_global = _bind("llama_lminf_n_global", [llama_raw.llama_context_p_ctypes], ctypes.c_int32)
 llama_lminf_n_local = _bind("llama_lminf_n_local", [llama_raw.llama_context_p_ctypes], ctypes.c_int32)

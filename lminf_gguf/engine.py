@@ -3,6 +3,11 @@
 Modes
   "lminf"   (default) Λ-mask (n_global sinks + window n_local) with the distance ceiling dist_max; flash
             attention is turned off because the ceiling needs the attention scores.
+  "lminf-topk"  "lminf" plus the top-k middle tokens of the paper's later version: every token's key and value
+            is kept in a store outside the KV cache (topk_store_bytes_per_token() bytes per token, on the host or
+            memory-mapped in store_dir); in layers >= topk_layer, each decoded token and the last row of each
+            prompt ubatch also attend to the topk middle tokens of each KV head that score highest, placed at
+            distance topk_dist (default n_local/2). The KV cache stays bounded; the store grows with the stream.
   "mask"    Λ-mask only (no ceiling); flash attention as requested.
   "vanilla" unchanged llama.cpp with an n_ctx cache; streams longer than n_ctx raise ContextFullError.
   "shift"   the baseline users have today: llama.cpp's context shift (keep the first n_global tokens, drop half
@@ -38,7 +43,12 @@ from .models import lminf_defaults, resolve_model
 from .validate import check_model_file, guard_tokenize
 from .text import FileChunks, iter_token_blocks
 
-MODES = ("vanilla", "shift", "mask", "lminf")
+MODES = ("vanilla", "shift", "mask", "lminf", "lminf-topk")
+
+# modes with the distance ceiling (flash attention off, exact rebasing)
+CEILING_MODES = ("lminf", "lminf-topk")
+
+STORE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}
 
 # positions up to 2^24 are exact in float32
 MASK_REBASE_AT = 1 << 24
@@ -69,16 +79,24 @@ class LMInfinite:
                  n_ctx: Optional[int] = None, n_batch: int = 512, n_ubatch: Optional[int] = None,
                  n_threads: Optional[int] = None, n_gpu_layers: int = 0, type_k: str = "f16",
                  type_v: str = "f16", flash_attn: Optional[bool] = None, rebase_at: Optional[int] = None,
+                 topk: int = 5, topk_layer: int = 4, topk_dist: Optional[int] = None, store_type: str = "f16",
+                 store_dir: Union[str, os.PathLike, None] = None, store_segment: int = 4096,
                  verbose: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         for name, value, low in (("n_global", n_global, 0), ("n_local", n_local, 1), ("dist_max", dist_max, 1),
-                                 ("n_batch", n_batch, 1), ("n_ubatch", n_ubatch, 1), ("n_ctx", n_ctx, 1)):
+                                 ("n_batch", n_batch, 1), ("n_ubatch", n_ubatch, 1), ("n_ctx", n_ctx, 1),
+                                 ("topk", topk, 1), ("topk_layer", topk_layer, 0), ("topk_dist", topk_dist, 1),
+                                 ("store_segment", store_segment, 1)):
             if value is not None and (not isinstance(value, int) or value < low):
                 raise ValueError(f"{name} must be an integer >= {low}, not {value!r}")
         for name, value in (("type_k", type_k), ("type_v", type_v)):
             if value not in KV_TYPES:
                 raise ValueError(f"{name} must be one of {', '.join(KV_TYPES)}, not {value!r}")
+        if store_type not in STORE_TYPES:
+            raise ValueError(f"store_type must be one of {', '.join(STORE_TYPES)}, not {store_type!r}")
+        if store_dir is not None and not os.path.isdir(store_dir):
+            raise ValueError(f"store_dir is not a directory: {store_dir}")
 
         _lib.set_verbose(verbose)
         self.model_path = resolve_model(model)
@@ -134,6 +152,21 @@ class LMInfinite:
             else:
                 cparams.n_ctx = self.n_global + self.n_local + n_batch
             ctx = llama_raw.llama_init_from_model(self._model.model, cparams)
+        elif mode == "lminf-topk":
+            n_layer = llama_raw.llama_model_n_layer(self._model.model)
+            if topk_layer >= n_layer:
+                raise ValueError(f"topk_layer must be below the model's {n_layer} layers, not {topk_layer}")
+            if self.n_ubatch > self.n_local:
+                raise ValueError(f"lminf-topk needs n_ubatch ({self.n_ubatch}) <= n_local ({self.n_local})")
+            self.topk, self.topk_layer = topk, topk_layer
+            self.topk_dist = topk_dist or max(1, self.n_local // 2)
+            self.store_type = store_type
+            tp = _lib.llama_lminf_topk_default_params()
+            tp.k, tp.layer_first, tp.dist = self.topk, self.topk_layer, self.topk_dist
+            tp.type, tp.seg_rows = STORE_TYPES[store_type], store_segment
+            tp.dir = os.fsencode(store_dir) if store_dir is not None else None
+            ctx = _lib.llama_init_from_model_lminf_topk(self._model.model, cparams, self.n_global, self.n_local,
+                                                        self.dist_max, tp)
         else:
             ceiling = self.dist_max if mode == "lminf" else 0
             ctx = _lib.llama_init_from_model_lminf(self._model.model, cparams, self.n_global, self.n_local,
@@ -147,9 +180,9 @@ class LMInfinite:
         # rebasing is exact only with the ceiling: in "mask" mode sinks keep their true, growing distance, so the
         # window is moved only where float32 RoPE angles would otherwise lose all precision
         min_rebase = self.n_global + self.n_local + n_batch
-        default_rebase = min_rebase + self.n_local if mode == "lminf" else MASK_REBASE_AT
+        default_rebase = min_rebase + self.n_local if mode in CEILING_MODES else MASK_REBASE_AT
         self._cache = SequenceCache(
-            ctx=ctx, bounded=mode in ("mask", "lminf"), shift=mode == "shift", n_global=self.n_global,
+            ctx=ctx, bounded=mode not in ("vanilla", "shift"), shift=mode == "shift", n_global=self.n_global,
             n_local=self.n_local,
             n_ctx=llama_raw.llama_n_ctx(ctx), rebase_at=max(rebase_at or default_rebase, min_rebase))
 
@@ -352,12 +385,12 @@ class LMInfinite:
     def cache_info(self) -> dict:
         """KV cells allocated and in use, the cells bound, and where the stream stands."""
         size, used = self._cache.cells()
-        bounded = self.mode in ("mask", "lminf")
-        return {
+        bounded = self.mode not in ("vanilla", "shift")
+        info = {
             "mode": self.mode,
             "n_global": self.n_global,
             "n_local": self.n_local,
-            "dist_max": self.dist_max if self.mode == "lminf" else None,
+            "dist_max": self.dist_max if self.mode in CEILING_MODES else None,
             "cells_total": size,
             "cells_used": used,
             "cells_bound": self.n_global + self.n_local + self.n_ubatch if bounded else self._cache.n_ctx,
@@ -366,6 +399,15 @@ class LMInfinite:
             "rebases": self._cache.n_rebase,
             "shifts": self._cache.n_shift,
         }
+        if self.mode == "lminf-topk":
+            info.update(store_rows=int(_lib.llama_lminf_topk_store_rows(self.ctx)),
+                        store_bytes=int(_lib.llama_lminf_topk_store_bytes(self.ctx)),
+                        store_bytes_per_token=self.topk_store_bytes_per_token())
+        return info
+
+    def topk_store_bytes_per_token(self) -> int:
+        """lminf-topk: bytes the middle-token store takes per token of the stream (K and V, all top-k layers)."""
+        return int(_lib.llama_lminf_topk_row_bytes(self.ctx))
 
     # -- generation -------------------------------------------------------------------------------------------
 
@@ -634,6 +676,8 @@ class LMInfinite:
         KV types, positions, n_seen, ...), then the last logits row, the tracked text and llama.cpp's
         llama_state_seq_get_data() blob (each preceded by its u64 length), then a sha256 of all that.
         """
+        if self.mode == "lminf-topk":
+            raise StateError("save_state is not supported in lminf-topk mode: the middle-token store is not saved")
         size = llama_raw.llama_state_seq_get_size(self.ctx, 0)
         blob = (ctypes.c_uint8 * max(size, 1))()
         n = llama_raw.llama_state_seq_get_data(self.ctx, blob, size, 0)

@@ -26,6 +26,15 @@ are ``pos0 + index``):
   positions C and 0, independent of pos0.  One softmax over all visible keys,
   then the weighted sum of V.
 
+Top-k middle tokens (the paper's later version; ``topk=TopK(...)`` with mode
+``"lminf"``): in layers ``il >= topk.layer``, each query row listed in
+``topk.rows`` also attends to middle keys, those hidden by the Λ-mask
+(``p_j >= n_global`` and ``p_i - p_j >= n_local``).  Per KV head it takes the
+``min(k, n_middle)`` middle keys with the largest score
+``sum over the query heads h of that KV head of R(dist) q_h . k_j`` (query
+rotated at position ``dist``, key unrotated), and every query head of the group
+scores them as ``R(dist) q_h . k_j`` (distance ``dist``) in the same softmax.
+
 RoPE follows llama.cpp for arch llama (rope type NORM): the pairs
 ``(x[2d], x[2d+1])`` of each head are rotated by
 ``theta_d = pos * base**(-2d/n_rot)``; linear scaling multiplies theta by
@@ -56,7 +65,7 @@ import torch
 
 import gguf
 
-__all__ = ["load_gguf", "RefModel", "HParams"]
+__all__ = ["load_gguf", "RefModel", "HParams", "TopK"]
 
 DT = torch.float64
 
@@ -84,6 +93,14 @@ class HParams:
     yarn_ext_factor: Optional[float] = None  # None -> 1 for yarn, 0 otherwise
     attn_scale: float = 0.0  # 0 -> 1/sqrt(head_dim)
     rope_type: str = "norm"  # "norm" (adjacent pairs, llama) | "neox" (halves, qwen2)
+
+
+@dataclass
+class TopK:
+    k: int          # middle keys per KV head
+    layer: int      # first layer that picks them
+    dist: int       # distance at which they are attended to
+    rows: Sequence[int]  # query indices (0-based in the token list) that pick them
 
 
 def _field_value(reader: gguf.GGUFReader, key: str, default=None):
@@ -233,7 +250,25 @@ class RefModel:
     def _rmsnorm(self, x, w):
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + self.hp.rms_eps) * w
 
-    def _attention(self, il, h, pos, mode, n_global, n_local, dist_max):
+    def _topk_extra(self, q, k, middle, topk):
+        """[H, T, T] bool: the middle keys each query head attends to (per KV head choice, see the module doc)."""
+        hp = self.hp
+        rep = hp.n_head // hp.n_head_kv
+        T = q.shape[0]
+        qd = self.rope(q, float(topk.dist))  # [T, H, D]
+        k0 = self.rope(k, 0.0)  # [T, Hkv, D]
+        extra = torch.zeros(hp.n_head, T, T, dtype=torch.bool)
+        for i in topk.rows:
+            mid = torch.nonzero(middle[i]).flatten()
+            if len(mid) == 0:
+                continue
+            for hk in range(hp.n_head_kv):
+                q_sel = qd[i, hk * rep:(hk + 1) * rep].sum(0)
+                best = torch.topk(k0[mid, hk] @ q_sel, min(topk.k, len(mid))).indices
+                extra[hk * rep:(hk + 1) * rep, i, mid[best]] = True
+        return extra, qd, k0.repeat_interleave(rep, dim=1)
+
+    def _attention(self, il, h, pos, mode, n_global, n_local, dist_max, topk=None):
         hp = self.hp
         t = self.t
         p = f"blk.{il}."
@@ -252,6 +287,7 @@ class RefModel:
         q = q.reshape(T, hp.n_head, D)
         k = k.reshape(T, hp.n_head_kv, D)
         v = v.reshape(T, hp.n_head_kv, D)
+        k_kv = k
 
         # GQA: query head hq uses kv head hq // (n_head / n_head_kv)
         rep = hp.n_head // hp.n_head_kv
@@ -285,7 +321,15 @@ class RefModel:
         else:
             raise ValueError(f"unknown mode {mode!r}")
 
-        s = s.masked_fill(~visible[None], float("-inf"))
+        visible = visible[None]
+        if topk is not None and il >= topk.layer:
+            if mode != "lminf":
+                raise ValueError("top-k middle tokens are defined on top of mode 'lminf'")
+            extra, qd, k0 = self._topk_extra(q, k_kv, causal & ~near & ~glob, topk)
+            s = torch.where(extra, torch.einsum("ihd,jhd->hij", qd, k0) * scale, s)
+            visible = visible | extra
+
+        s = s.masked_fill(~visible, float("-inf"))
         a = torch.softmax(s, dim=-1)
         o = torch.einsum("hij,jhd->ihd", a, v).reshape(T, hp.n_head * D)
         return o @ t[p + "attn_output.weight"].T
@@ -308,6 +352,7 @@ class RefModel:
         n_local: Optional[int] = None,
         dist_max: Optional[int] = None,
         pos0: int = 0,
+        topk: Optional[TopK] = None,
     ) -> np.ndarray:
         """Logits [T, n_vocab] (float64) for all tokens, placed at positions
         pos0 .. pos0+T-1.  n_local defaults to infinity (no window), dist_max
@@ -325,7 +370,7 @@ class RefModel:
         x = t["token_embd.weight"][tok]
         for il in range(hp.n_layer):
             h = self._rmsnorm(x, t[f"blk.{il}.attn_norm.weight"])
-            x = x + self._attention(il, h, pos, mode, n_global, n_local, dist_max)
+            x = x + self._attention(il, h, pos, mode, n_global, n_local, dist_max, topk)
             h = self._rmsnorm(x, t[f"blk.{il}.ffn_norm.weight"])
             x = x + self._ffn(il, h)
         x = self._rmsnorm(x, t["output_norm.weight"])
