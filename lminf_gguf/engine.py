@@ -81,13 +81,15 @@ class LMInfinite:
                  type_v: str = "f16", flash_attn: Optional[bool] = None, rebase_at: Optional[int] = None,
                  topk: int = 5, topk_layer: int = 4, topk_dist: Optional[int] = None, store_type: str = "f16",
                  store_dir: Union[str, os.PathLike, None] = None, store_segment: int = 4096,
+                 topk_block: int = 0, topk_blocks: int = 8,
                  verbose: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         for name, value, low in (("n_global", n_global, 0), ("n_local", n_local, 1), ("dist_max", dist_max, 1),
                                  ("n_batch", n_batch, 1), ("n_ubatch", n_ubatch, 1), ("n_ctx", n_ctx, 1),
                                  ("topk", topk, 1), ("topk_layer", topk_layer, 0), ("topk_dist", topk_dist, 1),
-                                 ("store_segment", store_segment, 1)):
+                                 ("store_segment", store_segment, 1), ("topk_block", topk_block, 0),
+                                 ("topk_blocks", topk_blocks, 1)):
             if value is not None and (not isinstance(value, int) or value < low):
                 raise ValueError(f"{name} must be an integer >= {low}, not {value!r}")
         for name, value in (("type_k", type_k), ("type_v", type_v)):
@@ -164,6 +166,7 @@ class LMInfinite:
             tp = _lib.llama_lminf_topk_default_params()
             tp.k, tp.layer_first, tp.dist = self.topk, self.topk_layer, self.topk_dist
             tp.type, tp.seg_rows = STORE_TYPES[store_type], store_segment
+            tp.block, tp.n_blocks = topk_block, topk_blocks
             tp.dir = os.fsencode(store_dir) if store_dir is not None else None
             ctx = _lib.llama_init_from_model_lminf_topk(self._model.model, cparams, self.n_global, self.n_local,
                                                         self.dist_max, tp)

@@ -35,6 +35,16 @@ Top-k middle tokens (the paper's later version; ``topk=TopK(...)`` with mode
 rotated at position ``dist``, key unrotated), and every query head of the group
 scores them as ``R(dist) q_h . k_j`` (distance ``dist``) in the same softmax.
 
+Block index (``block > 0``): the middle is cut into blocks of ``block``
+positions; a block is a candidate only once indexed (all its rows were
+evaluated by an earlier decode call: blocks below ``call_start // block``,
+where calls are ``n_batch`` tokens).  For each store segment (segment s holds
+``seg_rows * 2**min(s, 10)`` rows), the ``n_blocks`` indexed blocks with the
+largest bound ``sum_d max(q_d min_d, q_d max_d)`` (per KV head, over the
+block's unrotated keys) contribute all their keys; middle rows outside whole
+indexed blocks are candidates as they are.  The top k of the candidates are
+taken as above.
+
 RoPE follows llama.cpp for arch llama (rope type NORM): the pairs
 ``(x[2d], x[2d+1])`` of each head are rotated by
 ``theta_d = pos * base**(-2d/n_rot)``; linear scaling multiplies theta by
@@ -101,6 +111,32 @@ class TopK:
     layer: int      # first layer that picks them
     dist: int       # distance at which they are attended to
     rows: Sequence[int]  # query indices (0-based in the token list) that pick them
+    block: int = 0       # block index: positions per block (0: every middle key is a candidate)
+    n_blocks: int = 0    # blocks per segment whose keys are candidates
+    seg_rows: int = 4096  # first segment's rows
+    n_batch: int = 1     # tokens per decode call (blocks are indexed between calls)
+
+    def candidates(self, i, mid, k0, q_sel, hk):
+        """Middle positions (a subset of ``mid``) the query row i may choose from in KV head hk."""
+        if self.block == 0:
+            return mid
+        B = self.block
+        mid0, mid1 = int(mid[0]), int(mid[-1]) + 1
+        blk0 = -(-mid0 // B)
+        blk1 = max(blk0, min(mid1 // B, (i // self.n_batch) * self.n_batch // B))
+        exact = [r for r in range(mid0, mid1) if r < blk0 * B or r >= blk1 * B]
+        chosen = []
+        seg_begin, s = 0, 0
+        while seg_begin < blk1 * B:
+            seg_end = seg_begin + self.seg_rows * 2 ** min(s, 10)
+            blocks = [b for b in range(max(blk0, seg_begin // B), min(blk1, seg_end // B))]
+            if blocks:
+                keys = torch.stack([k0[b * B:(b + 1) * B, hk] for b in blocks])  # [nb, B, D]
+                bound = (q_sel.clamp(min=0) * keys.max(1).values + q_sel.clamp(max=0) * keys.min(1).values).sum(-1)
+                best = torch.topk(bound, min(self.n_blocks, len(blocks))).indices
+                chosen += [r for j in best.tolist() for r in range(blocks[j] * B, (blocks[j] + 1) * B)]
+            seg_begin, s = seg_end, s + 1
+        return torch.as_tensor(sorted(exact + chosen), dtype=torch.int64)
 
 
 def _field_value(reader: gguf.GGUFReader, key: str, default=None):
@@ -264,8 +300,9 @@ class RefModel:
                 continue
             for hk in range(hp.n_head_kv):
                 q_sel = qd[i, hk * rep:(hk + 1) * rep].sum(0)
-                best = torch.topk(k0[mid, hk] @ q_sel, min(topk.k, len(mid))).indices
-                extra[hk * rep:(hk + 1) * rep, i, mid[best]] = True
+                cand = topk.candidates(i, mid, k0, q_sel, hk)
+                best = torch.topk(k0[cand, hk] @ q_sel, min(topk.k, len(cand))).indices
+                extra[hk * rep:(hk + 1) * rep, i, cand[best]] = True
         return extra, qd, k0.repeat_interleave(rep, dim=1)
 
     def _attention(self, il, h, pos, mode, n_global, n_local, dist_max, topk=None):

@@ -1,0 +1,169 @@
+"""Mode "lminf-topk" (top-k middle tokens, patch 0005) against the PyTorch reference's TopK extension.
+
+The engine decodes a stream in ubatches of n_batch tokens; the last row of each picks middle tokens, so the
+reference is given those rows. Bounds as in test_attention_exact.py: 1e-4 with f32 weights, KV cache and store;
+2e-3 with an f16 store (keys are rounded before they are scored).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import open_exact, random_tokens, rel_err
+from reference import TopK
+
+import lminf_gguf
+
+EXACT = 1e-4
+HALF = 2e-3
+G, L = 4, 16
+
+
+def last_rows(n_tokens: int, n_batch: int) -> list:
+    return [min(n_tokens, c + n_batch) - 1 for c in range(0, n_tokens, n_batch)]
+
+
+def open_topk(path, *, n_batch=7, k=3, layer=1, store="f32", **kw):
+    return open_exact(path, "lminf-topk", n_global=G, n_local=L, dist_max=L, n_batch=n_batch, topk=k,
+                      topk_layer=layer, topk_dist=L // 2, store_type=store, **kw)
+
+
+def reference(ref, tokens, *, n_batch=7, k=3, layer=1):
+    return ref.logits(tokens, mode="lminf", n_global=G, n_local=L, dist_max=L,
+                      topk=TopK(k, layer, L // 2, last_rows(len(tokens), n_batch)))
+
+
+@pytest.mark.parametrize("segment", [8, 4096])
+@pytest.mark.parametrize("n_batch", [1, 7, 16])
+@pytest.mark.parametrize("k,layer", [(1, 0), (3, 1), (40, 1)])
+def test_grid_matches_reference(tiny_model, k, layer, n_batch, segment):
+    path, ref = tiny_model("f32-gqa2")
+    tokens = random_tokens(5 * L + 3, seed=k + n_batch)
+    llm = open_topk(path, n_batch=n_batch, k=k, layer=layer, store_segment=segment)
+    err = rel_err(llm.logits(tokens), reference(ref, tokens, n_batch=n_batch, k=k, layer=layer))
+    assert err <= EXACT, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ["f32-mha", "f32-gqa8", "f32-linear4", "f32-yarn2"])
+def test_architectures_match_reference(tiny_model, name):
+    path, ref = tiny_model(name)
+    tokens = random_tokens(5 * L + 3, seed=11)
+    assert rel_err(open_topk(path).logits(tokens), reference(ref, tokens)) <= EXACT
+
+
+def test_topk_changes_the_result(tiny_model):
+    """Guards the tests above: picking middle tokens moves the logits far beyond the tolerance."""
+    path, ref = tiny_model("f32-gqa2")
+    tokens = random_tokens(5 * L + 3, seed=3)
+    plain = ref.logits(tokens, mode="lminf", n_global=G, n_local=L, dist_max=L)
+    assert rel_err(reference(ref, tokens), plain) > 100 * EXACT
+    # and how many middle tokens are taken matters
+    assert rel_err(reference(ref, tokens, k=1), reference(ref, tokens, k=3)) > 100 * EXACT
+
+
+def test_long_stream_with_rebases(tiny_model):
+    path, ref = tiny_model("f32-gqa2")
+    tokens = random_tokens(20 * L, seed=5)
+    llm = open_topk(path, n_batch=16, store_segment=8)
+    err = rel_err(llm.logits(tokens), reference(ref, tokens, n_batch=16))
+    info = llm.cache_info()
+    assert info["rebases"] >= 5 and err <= EXACT, (info, err)
+
+
+def test_f16_store(tiny_model):
+    path, ref = tiny_model("f32-gqa2")
+    tokens = random_tokens(5 * L + 3, seed=8)
+    assert rel_err(open_topk(path, store="f16").logits(tokens), reference(ref, tokens)) <= HALF
+
+
+@pytest.mark.parametrize("store", ["q8_0", "q4_0"])
+def test_quantised_store_needs_block_sized_heads(tiny_model, store):
+    """The head size of the tiny models (16) is below the q8_0/q4_0 block (32): refused with a clear error."""
+    path, _ = tiny_model("f32-gqa2")
+    with pytest.raises(RuntimeError, match="could not create"):
+        open_topk(path, store=store)
+
+
+def test_quantised_store_on_wider_heads(tmp_path):
+    from reference import load_gguf
+    from tiny_models import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "wide.gguf", seed=4, n_embd=128, n_head=4, n_head_kv=2)
+    ref = load_gguf(path)
+    tokens = random_tokens(5 * L + 3, seed=2)
+    want = reference(ref, tokens)
+    errs = {store: rel_err(open_topk(path, store=store).logits(tokens), want) for store in ("f32", "q8_0")}
+    assert errs["f32"] <= EXACT
+    # q8_0 keys may change a close choice; the result stays near the reference
+    assert errs["q8_0"] <= 5e-2, errs
+
+
+def test_store_grows_and_cache_stays_bounded(tiny_model):
+    path, ref = tiny_model("f32-gqa2")
+    llm = open_topk(path, n_batch=16, store_segment=8)
+    per_token = llm.topk_store_bytes_per_token()
+    hp = ref.hp
+    assert per_token == (hp.n_layer - 1) * 2 * hp.n_head_kv * hp.head_dim * 4  # layers >= 1, K and V, f32
+    seen = 0
+    for n in (50, 200, 700):
+        llm.feed(random_tokens(n, seed=n).tolist(), add_bos=False)
+        seen += n
+        info = llm.cache_info()
+        assert info["cells_used"] <= info["cells_bound"] == G + L + 16
+        assert info["store_rows"] == seen
+        assert seen * per_token <= info["store_bytes"] <= 2 * seen * per_token + 8 * per_token
+
+
+def test_memory_mapped_store_equals_memory_store(tiny_model, tmp_path):
+    path, _ = tiny_model("f32-gqa2")
+    tokens = random_tokens(5 * L + 3, seed=6)
+    want = open_topk(path).logits(tokens)
+    llm = open_topk(path, store_dir=tmp_path)
+    assert rel_err(llm.logits(tokens), want) == 0.0
+    assert llm.cache_info()["store_rows"] == len(tokens)
+    assert os.listdir(tmp_path) == []  # the store files are unlinked as soon as they are mapped
+
+
+def test_bad_settings_are_refused(tiny_model, tmp_path):
+    path, _ = tiny_model("f32-gqa2")
+    with pytest.raises(ValueError, match="n_ubatch"):
+        open_topk(path, n_batch=2 * L)
+    with pytest.raises(ValueError, match="topk_layer"):
+        open_topk(path, layer=2)
+    with pytest.raises(ValueError, match="store_type"):
+        open_topk(path, store="q5_k")
+    with pytest.raises(ValueError, match="store_dir"):
+        open_topk(path, store_dir=tmp_path / "missing")
+    with pytest.raises(ValueError, match="topk"):
+        open_topk(path, k=0)
+    llm = open_topk(path)
+    llm.feed(random_tokens(40).tolist(), add_bos=False)
+    with pytest.raises(lminf_gguf.StateError, match="lminf-topk"):
+        llm.save_state(tmp_path / "s.bin")
+    assert np.isfinite(llm.logits(random_tokens(3).tolist())).all()  # still usable
+
+
+@pytest.mark.parametrize("segment", [16, 4096])
+@pytest.mark.parametrize("n_batch", [1, 7, 16])
+@pytest.mark.parametrize("block,n_blocks", [(4, 1), (8, 2)])
+def test_block_index_matches_reference(tiny_model, block, n_blocks, n_batch, segment):
+    path, ref = tiny_model("f32-gqa2")
+    tokens = random_tokens(8 * L + 5, seed=block + n_batch)
+    llm = open_topk(path, n_batch=n_batch, store_segment=segment, topk_block=block, topk_blocks=n_blocks)
+    want = ref.logits(tokens, mode="lminf", n_global=G, n_local=L, dist_max=L,
+                      topk=TopK(3, 1, L // 2, last_rows(len(tokens), n_batch), block=block, n_blocks=n_blocks,
+                                seg_rows=segment, n_batch=n_batch))
+    err = rel_err(llm.logits(tokens), want)
+    assert err <= EXACT, f"relative error {err:.2e}"
+
+
+def test_block_index_scanning_every_block_is_the_exact_scan(tiny_model):
+    path, _ = tiny_model("f32-gqa2")
+    tokens = random_tokens(8 * L + 5, seed=21)
+    exact = open_topk(path, n_batch=16).logits(tokens)
+    assert rel_err(open_topk(path, n_batch=16, topk_block=4, topk_blocks=1000).logits(tokens), exact) <= EXACT
+    # and scanning one block of each segment is not (guards the test above)
+    assert rel_err(open_topk(path, n_batch=16, topk_block=4, topk_blocks=1).logits(tokens), exact) > 100 * EXACT
