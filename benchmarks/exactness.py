@@ -3,6 +3,8 @@
 
 Prints one row per (model, KV type, flash attention, mode) with the worst relative error ||a - b|| / ||b|| over
 T in {L-1, L, L+1, 3L+7, 20L}, G in {0, 4, 10}, n_ubatch in {1, 7, 64}, L = 16, and writes the rows as JSON.
+Mode lminf-topk (k = 3 from layer 1 at distance L/2, store of the KV type; exact scan, and the block index with
+blocks of 4 and 2 blocks scanned) uses n_ubatch in {1, 7, 16} (it needs n_ubatch <= L) and T in {3L+7, 20L}.
 The same check runs on a GPU with --n-gpu-layers 99 (CUDA or Metal build).
 
     python benchmarks/exactness.py [--n-gpu-layers 99] [--json results/exactness.json]
@@ -20,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import MODEL_CONFIGS, random_tokens, rel_err  # noqa: E402
-from reference import load_gguf  # noqa: E402
+from reference import TopK, load_gguf  # noqa: E402
 from tiny_models import write_tiny_llama  # noqa: E402
 
 import lminf_gguf  # noqa: E402
@@ -33,6 +35,24 @@ SETUPS = [  # (model, kv type, flash attention)
     ("f32-gqa2", "f16", True),
     ("f16-gqa2", "f32", False),
 ]
+
+
+def topk_worst(path, ref, kv, block, n_gpu_layers, L=16) -> float:
+    worst = 0.0
+    for g in (0, 4, 10):
+        for ub in (1, 7, 16):
+            llm = lminf_gguf.LMInfinite(path, mode="lminf-topk", type_k=kv, type_v=kv, n_batch=ub, n_global=g,
+                                        n_local=L, dist_max=L, topk=3, topk_layer=1, topk_dist=L // 2,
+                                        store_type=kv, store_segment=16, topk_block=block, topk_blocks=2,
+                                        n_gpu_layers=n_gpu_layers)
+            for T in (3 * L + 7, 20 * L):
+                tokens = random_tokens(T, seed=T + g)
+                rows = [min(T, c + ub) - 1 for c in range(0, T, ub)]
+                topk = TopK(3, 1, L // 2, rows, block=block, n_blocks=2, seg_rows=16, n_batch=ub)
+                want = ref.logits(tokens, mode="lminf", n_global=g, n_local=L, dist_max=L, topk=topk)
+                worst = max(worst, rel_err(llm.logits(tokens), want))
+            llm.close()
+    return worst
 
 
 def main() -> None:
@@ -67,6 +87,11 @@ def main() -> None:
                     break
             rows.append(dict(model=name, kv=kv, flash_attn=flash, mode=mode, max_rel_err=worst))
             print(f"{name:10s} {kv:4s} {str(flash):5s} {mode:7s} {worst:12.2e}", flush=True)
+        if not flash:  # lminf-topk turns flash attention off
+            for label, block in (("topk", 0), ("topk+index", 4)):
+                worst = topk_worst(path, ref, kv, block, args.n_gpu_layers)
+                rows.append(dict(model=name, kv=kv, flash_attn=False, mode=label, max_rel_err=worst))
+                print(f"{name:10s} {kv:4s} {'False':5s} {label:7s} {worst:12.2e}", flush=True)
 
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ per-token losses, position rebasing exercised, throughput per segment; and the p
 position bucket. The text repeats when N exceeds it (Austen is ~0.93M tokens for the default model).
 
     python benchmarks/long_stream.py --tokens 1048576 --n-local 2048 --json results/long_stream.json
+
+The JSON is rewritten at every sample, so an interrupted run keeps its figures so far ("complete": false).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def main() -> None:
         args.text = subprocess.run([sys.executable, str(ROOT / "scripts/fetch_data.py"), "austen"],
                                    capture_output=True, text=True, check=True).stdout.strip()
 
-    from lminf_gguf import LMInfinite, evaluate
+    from lminf_gguf import LMInfinite
 
     llm = LMInfinite(args.model, mode=args.mode, n_global=args.n_global, n_local=args.n_local,
                      n_batch=args.n_batch, n_threads=args.threads)
@@ -74,19 +76,28 @@ def main() -> None:
             print(f"{s['tokens']:>9d} tokens  {s['seconds']:7.0f} s  {s['tok_s']:6.1f} tok/s  RSS {s['rss_mb']:6.0f} MB"
                   f"  cells {s['cells_used']}  position {s['position']}  rebases {s['rebases']}", flush=True)
             last_t, last_done = now, done
+            if args.json:
+                write_result(args, parts, samples, t0, complete=False)
         if done + 1 >= args.tokens:
             break
+    result = write_result(args, parts, samples, t0, complete=True)
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
+
+
+def write_result(args, parts, samples, t0, complete: bool) -> dict:
+    from lminf_gguf import evaluate
+
     nll = np.concatenate(parts)[: args.tokens - 1]
     warm = [s["rss_mb"] for s in samples if s["tokens"] >= min(4 * args.n_local + 65536, args.tokens // 4)]
     result = dict(
-        tokens=len(nll) + 1, mode=args.mode, n_global=args.n_global, n_local=args.n_local,
+        tokens=len(nll) + 1, complete=complete, mode=args.mode, n_global=args.n_global, n_local=args.n_local,
         seconds=time.perf_counter() - t0, finite=bool(np.isfinite(nll).all()),
         rss_growth_after_warmup_pct=100 * (max(warm) - warm[0]) / warm[0] if warm else None,
         buckets=evaluate.bucket_perplexity(nll), samples=samples)
-    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":

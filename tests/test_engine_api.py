@@ -225,19 +225,26 @@ def test_cancel_from_another_thread():
 
 
 @needs_default
-def test_two_objects_in_two_threads_equal_serial_runs():
-    def work(llm):
-        text = llm.create_completion(TEXT, max_tokens=10, temperature=0.8, seed=5)["choices"][0]["text"]
-        return text, llm.nll(TEXT * 2)
+def test_threads_sharing_one_model_equal_serial_runs():
+    """Four sessions on one loaded Model (one context each), run at once, give what each gives alone."""
+    prompts = [TEXT, TEXT.upper(), TEXT.lower(), TEXT[::-1]]
 
-    serial = [work(_open(n_local=96, n_batch=32)) for _ in range(2)]
-    objs = [_open(n_local=96, n_batch=32) for _ in range(2)]
-    out = [None, None]
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, work(objs[i]))) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    def work(model, i):
+        with lminf_gguf.LMInfinite(model, n_local=96, n_batch=32, n_threads=1) as llm:
+            text = llm.create_completion(prompts[i], max_tokens=10, temperature=0.8, seed=i)["choices"][0]["text"]
+            return text, llm.nll(prompts[i] * 2)
+
+    with lminf_gguf.Model() as model:
+        serial = [work(model, i) for i in range(4)]
+        out = [None] * 4
+        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, work(model, i))) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert model.llama is not None  # sessions closing leave the shared model open
     for (text, nll), (want_text, want_nll) in zip(out, serial):
         assert text == want_text
         np.testing.assert_array_equal(nll, want_nll)
+    with pytest.raises(ValueError, match="closed"):
+        lminf_gguf.LMInfinite(model)

@@ -469,3 +469,53 @@ def test_real_disconnect_mid_stream_then_a_normal_request(real):
                                                        "temperature": 0})
     assert status == 200 and out["choices"][0]["text"]
     assert wait_unlocked(srv)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@needs_model
+def test_load_eight_streaming_clients_with_disconnects():
+    """200 streamed completions from 8 concurrent clients, every fifth dropped after its first event: no error,
+    the server stays healthy, and the process RSS stays flat after warm-up."""
+    llm = lminf_gguf.LMInfinite(DEFAULT_MODEL, n_local=128, n_batch=32, n_threads=2, n_gpu_layers=N_GPU_LAYERS)
+    srv = Running(llm)
+    counts = {"done": 0, "dropped": 0}
+    errors, rss = [], {}
+    lock = threading.Lock()
+
+    def client(c):
+        for r in range(25):
+            body = {"prompt": f"Number {25 * c + r} is", "max_tokens": 4, "stream": True, "temperature": 0.7,
+                    "seed": r}
+            try:
+                if r % 5 == 4:
+                    srv.disconnect_mid_stream("/v1/completions", body)
+                    key = "dropped"
+                else:
+                    chunks = srv.sse("/v1/completions", body)
+                    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length"), chunks[-1]
+                    key = "done"
+                with lock:
+                    counts[key] += 1
+                    if sum(counts.values()) == 40:
+                        rss["warm"] = rss_mb()
+            except Exception as e:  # reported below with the others
+                errors.append(f"client {c} request {r}: {e!r}")
+
+    try:
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        rss["end"] = rss_mb()
+        assert not errors, errors[:5]
+        assert counts == {"done": 160, "dropped": 40}
+        assert srv.json("GET", "/health")[0] == 200
+        assert rss["end"] - rss["warm"] < 0.05 * rss["warm"], rss
+    finally:
+        srv.stop()
+        llm.close()

@@ -167,3 +167,13 @@ def test_block_index_scanning_every_block_is_the_exact_scan(tiny_model):
     assert rel_err(open_topk(path, n_batch=16, topk_block=4, topk_blocks=1000).logits(tokens), exact) <= EXACT
     # and scanning one block of each segment is not (guards the test above)
     assert rel_err(open_topk(path, n_batch=16, topk_block=4, topk_blocks=1).logits(tokens), exact) > 100 * EXACT
+
+
+def test_reset_starts_the_store_and_index_afresh(tiny_model):
+    """A session reused for a new stream (logits() resets) gives what a new session gives."""
+    path, _ = tiny_model("f32-gqa2")
+    first, second = random_tokens(20 * L, seed=30), random_tokens(8 * L, seed=31)
+    used = open_topk(path, n_batch=16, store_segment=16, topk_block=4, topk_blocks=2)
+    used.logits(first)
+    fresh = open_topk(path, n_batch=16, store_segment=16, topk_block=4, topk_blocks=2)
+    assert rel_err(used.logits(second), fresh.logits(second)) == 0.0
