@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import austen_path  # benchmarks/common.py
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -92,8 +94,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.text is None:
-        args.text = subprocess.run([sys.executable, str(ROOT / "scripts/fetch_data.py"), "austen"],
-                                   capture_output=True, text=True, check=True).stdout.strip()
+        args.text = austen_path()
 
     if args.what == "_one":
         print(json.dumps(measure_one(args)))

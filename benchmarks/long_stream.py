@@ -15,22 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import austen_path, rss_mb  # benchmarks/common.py
 
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def text_chunks(path: str):
@@ -54,8 +45,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.text is None:
-        args.text = subprocess.run([sys.executable, str(ROOT / "scripts/fetch_data.py"), "austen"],
-                                   capture_output=True, text=True, check=True).stdout.strip()
+        args.text = austen_path()
 
     from lminf_gguf import LMInfinite
 

@@ -17,10 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+from common import rss_mb  # benchmarks/common.py
 
 
 def streamed(host, port, body) -> str:

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import austen_path  # benchmarks/common.py
+
 ROOT = Path(__file__).resolve().parent.parent
 
 CELLS = {  # name -> LMInfinite keyword arguments
@@ -30,18 +32,13 @@ CELLS = {  # name -> LMInfinite keyword arguments
 }
 
 
-def austen() -> str:
-    return subprocess.run([sys.executable, str(ROOT / "scripts/fetch_data.py"), "austen"], capture_output=True,
-                          text=True, check=True).stdout.strip()
-
-
 def measure_one(args) -> dict:
     import numpy as np
     from lminf_gguf import LMInfinite
 
     llm = LMInfinite(args.model, n_local=args.n_local, n_batch=args.n_batch, n_threads=args.threads,
                      **CELLS[args.cell])
-    text = Path(austen()).read_text(encoding="utf-8")
+    text = Path(austen_path()).read_text(encoding="utf-8")
     tokens = llm.tokenize(text[: (args.depth + args.n_decode) * 8])[: args.depth + args.n_decode]
     t0 = time.perf_counter()
     for _ in llm.eval(tokens[: args.depth]):
@@ -67,7 +64,7 @@ def recall(args) -> list:
 
     path = args.model or default_model_path()
     tokens = LMInfinite(path, n_local=256, n_threads=1).tokenize(
-        Path(austen()).read_text(encoding="utf-8")[: args.recall_tokens * 8])[: args.recall_tokens]
+        Path(austen_path()).read_text(encoding="utf-8")[: args.recall_tokens * 8])[: args.recall_tokens]
     settings = [(b, m) for b in (16, 32, 64) for m in (1, 2, 4, 8)]
     hits = {s: [] for s in settings}
 
@@ -137,7 +134,7 @@ def main() -> None:
                 rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout))
                 print(rows[-1], file=sys.stderr, flush=True)
         base = {r["depth"]: r["decode_ms"] for r in rows if r["cell"] == "lminf"}
-        print(f"| depth | cell | decode ms | vs lminf | prefill tok/s | store B/token | store MB |\n"
+        print("| depth | cell | decode ms | vs lminf | prefill tok/s | store B/token | store MB |\n"
               "|---|---|---|---|---|---|---|")
         for r in rows:
             ratio = r["decode_ms"] / base[r["depth"]] if r["depth"] in base else float("nan")
