@@ -17,13 +17,16 @@ Modes
 Thread safety: an LMInfinite object holds one llama.cpp context and must be used by one thread at a time
 (including the iteration of its streams); create one object per thread. To load the weights once, load a
 models.Model and pass it as `model` to each: the sessions share it and keep their own caches, and give the same
-results as serial runs (tested). The one method meant for another thread (or a signal handler) is cancel().
+results as serial runs (tested). The methods meant for another thread are cancel() and close(): close() during a
+call cancels it and frees the context when it returns (or when its stream is closed), never under its feet.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -60,6 +63,24 @@ _FLASH = {None: "LLAMA_FLASH_ATTN_TYPE_AUTO", True: "LLAMA_FLASH_ATTN_TYPE_ENABL
 __all__ = ["LMInfinite", "ContextFullError", "Cancelled", "StateError", "MODES", "CHATML_TEMPLATE"]
 
 
+def _in_use(method):
+    """Run a method that touches the context or the model as a use of the session (see LMInfinite.close)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._use():
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def _in_use_stream(method):
+    """_in_use for a generator method: the use lasts until the stream ends or is closed."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._use():
+            yield from method(self, *args, **kwargs)
+    return wrapper
+
+
 class LMInfinite:
     """A GGUF model with an unbounded stream of tokens and a bounded KV cache.
 
@@ -91,6 +112,10 @@ class LMInfinite:
                  store_dir: Union[str, os.PathLike, None] = None, store_segment: int = 4096,
                  topk_block: int = 0, topk_blocks: int = 8,
                  verbose: bool = False):
+        # calls in progress, so that close() from another thread never frees what they use
+        self._users_lock = threading.Lock()
+        self._users = 0
+        self._close_pending = False
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         for name, value, low in (("n_global", n_global, 0), ("n_local", n_local, 1), ("dist_max", dist_max, 1),
@@ -193,6 +218,19 @@ class LMInfinite:
     # -- lifetime ---------------------------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Free the context (and the model, unless it is a shared Model). Safe from any thread: a call in progress
+        is cancelled and the context is freed when it returns; later calls raise RuntimeError."""
+        lock = getattr(self, "_users_lock", None)
+        if lock is None:
+            return
+        with lock:
+            if self._users:
+                self._close_pending = True
+                self._cancel.set()
+                return
+            self._free()
+
+    def _free(self) -> None:
         if getattr(self, "_batch", None) is not None:
             llama_raw.llama_batch_free(self._batch)
             self._batch = None
@@ -205,6 +243,20 @@ class LMInfinite:
                 self.model.close()
             self._model = None
 
+    @contextlib.contextmanager
+    def _use(self):
+        with self._users_lock:
+            if self._close_pending or not getattr(self, "ctx", None):
+                raise RuntimeError("this LMInfinite session is closed")
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._users_lock:
+                self._users -= 1
+                if self._users == 0 and self._close_pending:
+                    self._free()
+
     def __enter__(self):
         return self
 
@@ -216,14 +268,17 @@ class LMInfinite:
 
     # -- tokens -----------------------------------------------------------------------------------------------
 
+    @_in_use
     def tokenize(self, text: Union[str, bytes], add_bos: bool = True, special: bool = False) -> list[int]:
         if isinstance(text, str):
             text = text.encode("utf-8", errors="replace")
         return self._model.tokenize(text, add_bos, special)
 
+    @_in_use
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._model.detokenize(list(tokens)).decode("utf-8", errors="replace")
 
+    @_in_use
     def _piece(self, token: int) -> bytes:
         # llama-cpp-python's LlamaModel.token_to_piece returns its whole buffer, NUL padding included
         buf = ctypes.create_string_buffer(64)
@@ -235,6 +290,7 @@ class LMInfinite:
 
     # -- evaluation -------------------------------------------------------------------------------------------
 
+    @_in_use
     def reset(self) -> None:
         """Start a fresh sequence."""
         self._cache.reset()
@@ -251,6 +307,7 @@ class LMInfinite:
         """
         self._cancel.set()
 
+    @_in_use
     def _decode(self, tokens: Sequence[int], all_logits: bool) -> Optional[np.ndarray]:
         n = len(tokens)
         pos = self._cache.reserve(n)
@@ -275,6 +332,7 @@ class LMInfinite:
         self._last = out[-1].copy()
         return out
 
+    @_in_use_stream
     def eval(self, tokens: Sequence[int], all_logits: bool = False) -> Iterator[np.ndarray]:
         """Append tokens to the sequence, n_batch at a time; yield each batch's logits (views, copy to keep)."""
         tokens = [int(t) for t in tokens]
@@ -326,6 +384,7 @@ class LMInfinite:
         if buf:
             yield buf
 
+    @_in_use
     def feed(self, source=None, *, path: Union[str, os.PathLike, None] = None, add_bos: Optional[bool] = None,
              progress: Optional[Callable[[int, Optional[float]], None]] = None) -> int:
         """Append an input of any length to the current sequence (no logits kept); return the tokens fed.
@@ -355,6 +414,7 @@ class LMInfinite:
         blocks, fraction = self._token_blocks(source, path, True)
         return self._iter_nll(blocks, fraction, progress)
 
+    @_in_use_stream
     def _iter_nll(self, blocks, fraction, progress):
         self.reset()
         prev = None      # logits row of the last position of the previous batch
@@ -388,6 +448,7 @@ class LMInfinite:
         parts = list(self.iter_nll(source, path=path, progress=progress))
         return np.concatenate(parts) if parts else np.empty(0)
 
+    @_in_use
     def cache_info(self) -> dict:
         """KV cells allocated and in use, the cells bound, and where the stream stands."""
         size, used = self._cache.cells()
@@ -411,6 +472,7 @@ class LMInfinite:
                         store_bytes_per_token=self.topk_store_bytes_per_token())
         return info
 
+    @_in_use
     def topk_store_bytes_per_token(self) -> int:
         """lminf-topk: bytes the middle-token store takes per token of the stream (K and V, all top-k layers)."""
         return int(_lib.llama_lminf_topk_row_bytes(self.ctx))
@@ -455,6 +517,7 @@ class LMInfinite:
             return self.tokenize(prompt, add_bos=fresh or self._cache.n_seen == 0) if prompt else []
         return [int(t) for t in prompt]
 
+    @_in_use_stream
     def _generate(self, tokens, fresh, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stops,
                   progress, text: Optional[bytes], info: dict) -> Iterator[str]:
         """Evaluate the prompt tokens, then sample; yield text pieces. info gets finish_reason, prompt_tokens,
@@ -573,6 +636,7 @@ class LMInfinite:
             yield chunk(piece, None)
         yield chunk("", info["finish_reason"])
 
+    @_in_use
     def chat_formatter(self):
         """The Jinja2 chat formatter of this model: the GGUF tokenizer.chat_template, or CHATML_TEMPLATE."""
         if self._formatter is None:
@@ -670,6 +734,7 @@ class LMInfinite:
         return {"mode": self.mode, "n_global": self.n_global, "n_local": self.n_local,
                 "dist_max": self.dist_max, "type_k": self.type_k, "type_v": self.type_v, "n_vocab": self.n_vocab}
 
+    @_in_use
     def save_state(self, path: Union[str, os.PathLike], extra: Optional[dict] = None) -> int:
         """Write the sequence (the bounded KV cache, the position bookkeeping, the last logits and the text the
         chat API tracks) to a file; return its size in bytes. extra: any JSON-serialisable dict, given back by
@@ -714,6 +779,7 @@ class LMInfinite:
         os.replace(tmp, path)
         return len(body) + len(digest)
 
+    @_in_use
     def load_state(self, path: Union[str, os.PathLike]) -> dict:
         """Restore a sequence written by save_state (any process, same model and settings); return its extra.
 

@@ -225,6 +225,44 @@ def test_cancel_from_another_thread():
 
 
 @needs_default
+def test_close_from_another_thread_during_a_call():
+    """close() while another thread generates or scores: the call is cancelled, the context is freed only when
+    it has returned (it used to be freed under it: a segfault), and later calls raise a clear error."""
+    for kind in ("stream", "nll"):
+        llm = _open(n_local=128, n_batch=32)
+        busy = threading.Event()
+        result = {}
+
+        def run():
+            try:
+                if kind == "stream":
+                    for chunk in llm.create_completion(TEXT * 3, max_tokens=100000, temperature=0, stream=True):
+                        result["last"] = chunk
+                        busy.set()
+                else:
+                    llm.nll(TEXT * 200, progress=lambda done, frac: busy.set())
+            except lminf_gguf.Cancelled as e:
+                result["last"] = e
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        assert busy.wait(60)
+        llm.close()
+        assert llm.ctx is not None or not worker.is_alive()  # not freed while the call runs
+        worker.join(60)
+        assert not worker.is_alive() and llm.ctx is None
+        if kind == "stream":
+            assert result["last"]["choices"][0]["finish_reason"] == "cancelled"
+        else:
+            assert isinstance(result["last"], lminf_gguf.Cancelled)
+        with pytest.raises(RuntimeError, match="closed"):
+            llm.create_completion("Hello", max_tokens=2)
+        with pytest.raises(RuntimeError, match="closed"):
+            llm.tokenize("Hello")
+        llm.close()  # a second close is harmless
+
+
+@needs_default
 def test_threads_sharing_one_model_equal_serial_runs():
     """Four sessions on one loaded Model (one context each), run at once, give what each gives alone."""
     prompts = [TEXT, TEXT.upper(), TEXT.lower(), TEXT[::-1]]
