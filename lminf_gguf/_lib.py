@@ -75,9 +75,26 @@ llama_lminf_dist_max = _bind("llama_lminf_dist_max", [llama_raw.llama_context_p_
 llama_lminf_cache_size = _bind("llama_lminf_cache_size", [llama_raw.llama_context_p_ctypes], ctypes.c_uint32)
 llama_lminf_cache_used = _bind("llama_lminf_cache_used", [llama_raw.llama_context_p_ctypes], ctypes.c_uint32)
 
+_LOG_ERROR = 4  # GGML_LOG_LEVEL_ERROR
+_errors: list = []  # the last few error lines of the quiet log, for exception messages (see last_errors)
+
+
+def _keep_errors(level, text, user):
+    if level == _LOG_ERROR:
+        _errors.append(text.decode("utf-8", errors="replace").strip())
+        del _errors[:-8]
+
+
 # one callback object for the life of the process: llama.cpp may call the installed callback from another thread
 # while a session is created, so a replaced callback must never be freed
-_QUIET_LOG = llama_raw.llama_log_callback(lambda level, text, user: None)
+_QUIET_LOG = llama_raw.llama_log_callback(_keep_errors)
+
+
+def last_errors() -> list:
+    """The error lines llama.cpp logged while quiet since the previous call (the last 8 at most)."""
+    lines = list(_errors)
+    _errors.clear()
+    return lines
 
 
 def set_verbose(verbose: bool) -> None:

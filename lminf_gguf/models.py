@@ -3,8 +3,10 @@ Model, a loaded GGUF model that several sessions (one per thread) can share."""
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -73,6 +75,23 @@ def lminf_defaults(metadata: dict, n_ctx_train: int) -> dict:
     }
 
 
+def read_metadata(model) -> dict:
+    """The GGUF key/value metadata as llama.cpp holds it, as text. llama-cpp-python's LlamaModel.metadata() raises
+    UnicodeDecodeError on a key or value that is not UTF-8, which a model llama.cpp loads can have: replace."""
+    out = {}
+    buf = ctypes.create_string_buffer(1024)
+    for i in range(llama_raw.llama_model_meta_count(model)):
+        texts = []
+        for read in (llama_raw.llama_model_meta_key_by_index, llama_raw.llama_model_meta_val_str_by_index):
+            n = read(model, i, buf, len(buf))
+            if n >= len(buf):
+                buf = ctypes.create_string_buffer(n + 1)
+                read(model, i, buf, len(buf))
+            texts.append(buf.value.decode("utf-8", errors="replace"))
+        out[texts[0]] = texts[1]
+    return out
+
+
 class Model:
     """A GGUF model loaded once. Pass it to several LMInfinite sessions to share its weights: each session has its
     own llama.cpp context (KV cache, position), and sessions on one Model may run in different threads at once
@@ -92,15 +111,19 @@ class Model:
 
         mparams = llama_raw.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        _lib.last_errors()
         try:
             self.llama = llama_cpp._internals.LlamaModel(path_model=self.path, params=mparams, verbose=verbose)
         except ValueError as e:
+            # llama.cpp's first error line says what is wrong; the exception only that the load failed
+            errors = _lib.last_errors()
+            reason = re.sub(r"^\w+: ", "", errors[0]) if errors else str(e)
             raise ValueError(f"cannot load model {self.path}: not a valid GGUF model for this "
-                             f"llama.cpp ({e})") from None
+                             f"llama.cpp ({reason})") from None
         if missing_bytes:  # hostile-file guard: llama_tokenize aborts on bytes the vocabulary lacks
             self.llama.tokenize = guard_tokenize(self.llama.tokenize, missing_bytes, self.path)
 
-        self.metadata = self.llama.metadata()
+        self.metadata = read_metadata(self.llama.model)
         self.n_ctx_train = self.llama.n_ctx_train()
         self.n_vocab = self.llama.n_vocab()
         self.n_layer = llama_raw.llama_model_n_layer(self.llama.model)

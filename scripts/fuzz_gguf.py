@@ -88,7 +88,8 @@ def _rewrite(base: str, dst: str, *, arch=None, drop=(), set_kv=None, drop_tenso
             w.add_key_value(name, f.contents(), vtype)
     for name, (value, vtype) in (set_kv or {}).items():
         if vtype == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(name, value, vtype, sub_type=gguf.GGUFValueType.INT32)
+            item = gguf.GGUFValueType.STRING if value and isinstance(value[0], str) else gguf.GGUFValueType.INT32
+            w.add_key_value(name, value, vtype, sub_type=item)
         else:
             w.add_key_value(name, value, vtype)
     for t in r.tensors:
@@ -105,6 +106,15 @@ def _rewrite(base: str, dst: str, *, arch=None, drop=(), set_kv=None, drop_tenso
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def repeated_token_text(base: str, i: int = 69, j: int = 10) -> list:
+    """The base model's token texts with token i given the text of token j (a one-byte flip can do this)."""
+    import gguf
+
+    tokens = list(gguf.GGUFReader(base).fields["tokenizer.ggml.tokens"].contents())
+    tokens[i] = tokens[j]
+    return tokens
 
 
 def semantic_cases(base: str):
@@ -159,6 +169,7 @@ def semantic_cases(base: str):
     cases.append(("token_type out of range", dict(set_kv={"tokenizer.ggml.token_type": ([99] * 96, V.ARRAY)})))
     cases.append(("token_type too short", dict(set_kv={"tokenizer.ggml.token_type": ([1] * 10, V.ARRAY)})))
     cases.append(("token_type negative", dict(set_kv={"tokenizer.ggml.token_type": ([-5] * 96, V.ARRAY)})))
+    cases.append(("token text repeated", dict(set_kv={"tokenizer.ggml.tokens": (repeated_token_text(base), V.ARRAY)})))
     for t in ["token_embd.weight", "output.weight", "blk.0.attn_q.weight", "blk.1.ffn_down.weight",
               "output_norm.weight", "blk.0.attn_norm.weight"]:
         cases.append((f"drop tensor {t}", dict(drop_tensors=(t,))))
