@@ -264,7 +264,15 @@ def cmd_passkey(args) -> int:
     for mode in args.mode:
         n_ctx = max(args.lengths) + 64 if mode == "vanilla" else None
         llm = open_engine(args, mode, n_ctx)
-        table = evaluate.passkey_grid(llm, args.lengths, args.depths, trials=args.trials, seed=args.seed)
+        t0 = time.perf_counter()
+
+        def report(n, d, case, answer, correct, mode=mode):
+            print(f"{mode}: {n} tokens, depth {d:.2f}: key {case.key}, answer {answer.strip()[:40]!r} "
+                  f"({'found' if correct else 'missed'}, {time.perf_counter() - t0:.0f} s)", file=sys.stderr,
+                  flush=True)
+
+        table = evaluate.passkey_grid(llm, args.lengths, args.depths, trials=args.trials, seed=args.seed,
+                                      on_case=report)
         llm.close()
         tables[mode] = table
         print(f"{mode}: accuracy by depth (rows) and prompt tokens (columns), {args.trials} trials each")

@@ -12,7 +12,7 @@ import csv
 import random
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -102,8 +102,10 @@ def passkey_correct(answer: str, key: str) -> bool:
     return m is not None and m.group(0) == key
 
 
-def passkey_grid(llm, lengths: Sequence[int], depths: Sequence[float], trials: int = 5, seed: int = 0) -> dict:
-    """Accuracy per (length, depth) with greedy answers of up to 8 tokens; seeded."""
+def passkey_grid(llm, lengths: Sequence[int], depths: Sequence[float], trials: int = 5, seed: int = 0,
+                 on_case: Optional[Callable[[int, float, PasskeyCase, str, bool], None]] = None) -> dict:
+    """Accuracy per (length, depth) with greedy answers of up to 8 tokens; seeded. on_case(length, depth, case,
+    answer, correct) is called after each prompt (long prompts take minutes)."""
     rng = random.Random(seed)
     table = {}
     for n in lengths:
@@ -111,7 +113,11 @@ def passkey_grid(llm, lengths: Sequence[int], depths: Sequence[float], trials: i
             ok = 0
             for _ in range(trials):
                 case = passkey_case(llm.tokenize, n, d, rng)
-                ok += passkey_correct(llm.generate(case.prompt, max_tokens=8, temperature=0), case.key)
+                answer = llm.generate(case.prompt, max_tokens=8, temperature=0)
+                correct = passkey_correct(answer, case.key)
+                ok += correct
+                if on_case:
+                    on_case(n, d, case, answer, correct)
             table[(n, d)] = ok / trials
     return table
 

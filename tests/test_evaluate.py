@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import random
+import re
 
 import numpy as np
 import pytest
@@ -68,6 +69,21 @@ def test_passkey_scoring():
     assert not evaluate.passkey_correct(" 123456", "12345")
 
 
+def test_passkey_grid_reports_every_case():
+    class KeyEcho:  # answers with the first 5-digit number of the prompt, except at depth 1
+        tokenize = staticmethod(_words)
+
+        def generate(self, prompt, max_tokens, temperature):
+            m = re.search(r"\d{5}", prompt)
+            return " 00000" if prompt.index(m.group(0)) > len(prompt) - 400 else f" {m.group(0)}."
+
+    seen = []
+    table = evaluate.passkey_grid(KeyEcho(), [300, 600], [0.0, 1.0], trials=2, seed=3,
+                                  on_case=lambda n, d, case, answer, ok: seen.append((n, d, ok, case.key in answer)))
+    assert len(seen) == 8 and all(ok == has_key for _, _, ok, has_key in seen)
+    assert table == {(300, 0.0): 1.0, (300, 1.0): 0.0, (600, 0.0): 1.0, (600, 1.0): 0.0}
+
+
 # -- on the default model: the shift baseline and the two commands, on short inputs ---------------------------
 
 import subprocess  # noqa: E402
@@ -125,3 +141,6 @@ def test_passkey_command(tmp_path):
         rows = list(csv.DictReader(f))
     assert [(r["mode"], r["tokens"], r["depth"]) for r in rows] == [("lminf", "200", "0.0"), ("lminf", "200", "1.0")]
     assert all(float(r["accuracy"]) in (0.0, 1.0) for r in rows)
+    # one progress line per prompt on stderr (a 64K-token prompt takes minutes)
+    lines = [line for line in res.stderr.splitlines() if line.startswith("lminf: 200 tokens")]
+    assert len(lines) == 2 and all(("found" in line) != ("missed" in line) for line in lines), res.stderr
