@@ -66,14 +66,15 @@ def main() -> None:
     args.tokens = 3 * args.n_local if args.tokens is None else args.tokens
 
     from lminf_gguf import LMInfinite
+    from lminf_gguf.text import FileChunks, iter_token_blocks
 
     need = args.prefix + args.tokens
     with LMInfinite(args.model, n_local=16, n_threads=1) as tok:
-        tokens, text = [], Path(args.text or austen_path()).read_text(encoding="utf-8")
-        start = 0
-        while len(tokens) < need and start < len(text):
-            tokens += tok.tokenize(text[start:start + 200_000], add_bos=not tokens)
-            start += 200_000
+        tokens = []
+        for block in iter_token_blocks(tok.tokenize, FileChunks(args.text or austen_path())):
+            tokens += block
+            if len(tokens) >= need:
+                break
     if len(tokens) < need:
         raise SystemExit(f"the text has {len(tokens)} tokens, fewer than --prefix + --tokens = {need}")
 

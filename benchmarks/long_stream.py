@@ -23,7 +23,6 @@ import numpy as np
 from common import austen_path, rss_mb  # benchmarks/common.py
 
 
-
 def text_chunks(path: str):
     """The file's text in 1 MB pieces, repeated as often as needed."""
     while True:

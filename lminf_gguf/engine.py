@@ -64,7 +64,8 @@ __all__ = ["LMInfinite", "ContextFullError", "Cancelled", "StateError", "MODES",
 
 
 def _in_use(method):
-    """Run a method that touches the context or the model as a use of the session (see LMInfinite.close)."""
+    """Run a method that touches the context or the model as a use of the session (see LMInfinite.close). Public
+    entry points only: the private helpers they call (_decode, _piece) run inside their use."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._use():
@@ -278,7 +279,6 @@ class LMInfinite:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._model.detokenize(list(tokens)).decode("utf-8", errors="replace")
 
-    @_in_use
     def _piece(self, token: int) -> bytes:
         # llama-cpp-python's LlamaModel.token_to_piece returns its whole buffer, NUL padding included
         buf = ctypes.create_string_buffer(64)
@@ -307,7 +307,6 @@ class LMInfinite:
         """
         self._cancel.set()
 
-    @_in_use
     def _decode(self, tokens: Sequence[int], all_logits: bool) -> Optional[np.ndarray]:
         n = len(tokens)
         pos = self._cache.reserve(n)
