@@ -72,6 +72,7 @@ llama_lminf_enabled = _bind("llama_lminf_enabled", [llama_raw.llama_context_p_ct
 llama_lminf_n_global = _bind("llama_lminf_n_global", [llama_raw.llama_context_p_ctypes], ctypes.c_int32)
 llama_lminf_n_local = _bind("llama_lminf_n_local", [llama_raw.llama_context_p_ctypes], ctypes.c_int32)
 llama_lminf_dist_max = _bind("llama_lminf_dist_max", [llama_raw.llama_context_p_ctypes], ctypes.c_int32)
+llama_lminf_flash_attn = _bind("llama_lminf_flash_attn", [llama_raw.llama_context_p_ctypes], ctypes.c_bool)
 llama_lminf_cache_size = _bind("llama_lminf_cache_size", [llama_raw.llama_context_p_ctypes], ctypes.c_uint32)
 llama_lminf_cache_used = _bind("llama_lminf_cache_used", [llama_raw.llama_context_p_ctypes], ctypes.c_uint32)
 

@@ -24,6 +24,9 @@ MODE_HELP = ("attention: lminf = LM-Infinite (default), lminf-topk = LM-Infinite
              "llama.cpp")
 MODE_CHOICES = ["lminf", "lminf-topk", "mask", "shift", "vanilla"]
 
+# --flash-attn values -> LMInfinite(flash_attn=...)
+FLASH_CHOICES = {"auto": None, "on": True, "off": False}
+
 
 def _model_flags(p: argparse.ArgumentParser, several_modes: bool = False) -> None:
     p.add_argument("-m", "--model", help="GGUF model: a path or hf:OWNER/REPO/FILE.gguf (Hugging Face cache "
@@ -49,13 +52,17 @@ def _model_flags(p: argparse.ArgumentParser, several_modes: bool = False) -> Non
     p.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per llama_decode call")
     p.add_argument("-t", "--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
+    p.add_argument("-fa", "--flash-attn", choices=list(FLASH_CHOICES), default="auto",
+                   help="flash attention (default auto: on where the backend supports the mode; lminf-topk: off)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
 
 
-def open_engine(args, mode=None, n_ctx=None):
+def open_engine(args, mode=None, n_ctx=None, flash_attn="args"):
     from .engine import LMInfinite
+    flash = FLASH_CHOICES[getattr(args, "flash_attn", "auto")] if flash_attn == "args" else flash_attn
     return LMInfinite(args.model, mode=mode or args.mode, n_global=args.n_global, n_local=args.n_local,
                       dist_max=args.dist_max, n_ctx=n_ctx or args.ctx_size, n_batch=args.batch_size,
+                      flash_attn=flash,
                       n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose,
                       topk=args.topk, topk_layer=args.topk_layer, topk_dist=args.topk_dist,
                       topk_block=args.topk_block, topk_blocks=args.topk_blocks, store_type=args.store_type,
@@ -226,10 +233,18 @@ def cmd_perplexity(args) -> int:
     if not Path(args.file).is_file():
         raise FileNotFoundError(f"no such file: {args.file}")
     series = {}
+    # one flash-attention setting for every mode, so that they differ only in their attention pattern: --flash-attn,
+    # or under auto the choice llama.cpp made for the first mode (flash and non-flash round differently)
+    flash = FLASH_CHOICES[args.flash_attn]
     for mode in args.mode:
         # vanilla holds every token: its context is the token budget (or the trained context)
         n_ctx = args.max_tokens + 1 if mode == "vanilla" and args.max_tokens else None
-        llm = open_engine(args, mode, n_ctx)
+        if mode == "lminf-topk":
+            llm = open_engine(args, mode, n_ctx, flash_attn=None)  # non-flash only
+        else:
+            llm = open_engine(args, mode, n_ctx, flash_attn=flash)
+            if flash is None:
+                flash = llm.cache_info()["flash_attn"]
         progress = _Progress(mode)
         parts, n = [], 0
         try:
@@ -245,7 +260,8 @@ def cmd_perplexity(args) -> int:
         series[mode] = nll
         info = llm.cache_info()
         llm.close()
-        print(f"{mode}: {len(nll) + 1} tokens, perplexity {np.exp(nll.mean()):.3f}, KV cells {info['cells_total']}")
+        print(f"{mode}: {len(nll) + 1} tokens, perplexity {np.exp(nll.mean()):.3f}, KV cells {info['cells_total']}, "
+              f"flash attention {'on' if info['flash_attn'] else 'off'}")
         for r in evaluate.bucket_perplexity(nll):
             print(f"  positions [{r['lo']:>8d}, {r['hi']:>8d})  {r['tokens']:>8d} tokens  ppl {r['ppl']:10.3f}")
     if args.csv:

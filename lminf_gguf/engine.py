@@ -1,13 +1,15 @@
 """LMInfinite: one GGUF model and one sequence evaluated with LM-Infinite attention in the patched llama.cpp.
 
 Modes
-  "lminf"   (default) Λ-mask (n_global sinks + window n_local) with the distance ceiling dist_max; flash
-            attention is turned off because the ceiling needs the attention scores.
+  "lminf"   (default) Λ-mask (n_global sinks + window n_local) with the distance ceiling dist_max, in flash
+            attention where the backend has its leading-column KQ bias (CPU; others fall back to the non-flash
+            path under flash_attn=None), else in the non-flash path; both are exact.
   "lminf-topk"  "lminf" plus the top-k middle tokens of the paper's later version: every token's key and value
             is kept in a store outside the KV cache (topk_store_bytes_per_token() bytes per token, on the host or
             memory-mapped in store_dir); in layers >= topk_layer, each decoded token and the last row of each
             prompt ubatch also attend to the topk middle tokens of each KV head that score highest, placed at
             distance topk_dist (default n_local/2). The KV cache stays bounded; the store grows with the stream.
+            Non-flash attention only.
   "mask"    Λ-mask only (no ceiling); flash attention as requested.
   "vanilla" unchanged llama.cpp with an n_ctx cache; streams longer than n_ctx raise ContextFullError.
   "shift"   the baseline users have today: llama.cpp's context shift (keep the first n_global tokens, drop half
@@ -47,7 +49,7 @@ from .text import FileChunks, iter_token_blocks
 
 MODES = ("vanilla", "shift", "mask", "lminf", "lminf-topk")
 
-# modes with the distance ceiling (flash attention off, exact rebasing)
+# modes with the distance ceiling (exact rebasing)
 CEILING_MODES = ("lminf", "lminf-topk")
 
 STORE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}
@@ -91,7 +93,9 @@ class LMInfinite:
         L = the model's trained context, C = L.
     n_ctx: vanilla mode only (default: trained context).
     type_k, type_v: KV cache types ("f16", "f32", "q8_0", ...).
-    flash_attn: None lets llama.cpp decide; forced off in "lminf" mode.
+    flash_attn: None lets llama.cpp decide (on where the backend supports it, also with the distance ceiling,
+        which flash attention takes as a bias of the sink columns); forced off in "lminf-topk" mode.
+        cache_info()["flash_attn"] says what was chosen.
     rebase_at: largest position handed to llama.cpp before the window is moved down (see cache.py); default
         G + 2L + n_batch in "lminf" mode, 2^24 in "mask" mode (where moving the window changes sink distances).
     topk, topk_layer, topk_dist ("lminf-topk"): middle tokens per KV head, first layer that picks them, distance
@@ -464,6 +468,7 @@ class LMInfinite:
             "position": self._cache.pos,
             "rebases": self._cache.n_rebase,
             "shifts": self._cache.n_shift,
+            "flash_attn": bool(_lib.llama_lminf_flash_attn(self.ctx)),
         }
         if self.mode == "lminf-topk":
             info.update(store_rows=int(_lib.llama_lminf_topk_store_rows(self.ctx)),

@@ -45,3 +45,18 @@ def test_default_rebase_point(tiny_model):
     llm.logits(random_tokens(200))
     info = llm.cache_info()
     assert info["rebases"] > 0 and info["position"] <= 4 + 2 * 16 + 8
+
+
+@pytest.mark.parametrize("n_batch", [1, 7])
+def test_rebased_stream_with_flash_attention(tiny_model, n_batch):
+    """The same with the ceiling inside flash attention (f16 K/V there, so the f16 bound)."""
+    path, ref = tiny_model("f32-yarn2")
+    g, l = 4, 16
+    tokens = random_tokens(20 * l, seed=32)
+    never = open_exact(path, "lminf", kv="f16", flash_attn=True, n_global=g, n_local=l, n_batch=n_batch,
+                       rebase_at=1 << 30)
+    often = open_exact(path, "lminf", kv="f16", flash_attn=True, n_global=g, n_local=l, n_batch=n_batch, rebase_at=1)
+    a, b = never.logits(tokens), often.logits(tokens)
+    assert often.cache_info()["rebases"] >= 10 and often.cache_info()["flash_attn"]
+    assert rel_err(b, a) <= 2e-3
+    assert rel_err(b, ref.logits(tokens, mode="lminf", n_global=g, n_local=l, dist_max=l)) <= 2e-3

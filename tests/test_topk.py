@@ -177,3 +177,12 @@ def test_reset_starts_the_store_and_index_afresh(tiny_model):
     used.logits(first)
     fresh = open_topk(path, n_batch=16, store_segment=16, topk_block=4, topk_blocks=2)
     assert rel_err(used.logits(second), fresh.logits(second)) == 0.0
+
+
+def test_flash_attention_request_falls_back_to_exact(tiny_model):
+    """lminf-topk joins the middle tokens in the non-flash softmax: flash_attn=True is turned off, results exact."""
+    path, ref = tiny_model("f32-gqa2")
+    tokens = random_tokens(5 * L + 3, seed=13)
+    llm = open_topk(path, flash_attn=True)
+    assert llm.cache_info()["flash_attn"] is False
+    assert rel_err(llm.logits(tokens), reference(ref, tokens)) <= EXACT
