@@ -9,7 +9,7 @@ shared machine drift by 10-20 % between runs. Run it alone, on a quiet machine, 
 
   prefill   tokens/s over `--prefill` tokens of held-out text, fed in batches of n_batch
   decode    median ms per token for `--decode` tokens after a `--prompt`-token prefix (teacher-forced)
-  rebase    lminf only: ms of each decode token that moved the window (a rebase), over its median decode token
+(The cost of a rebase or a context shift is measured by benchmarks/latency.py, over thousands of decoded tokens.)
 
     python benchmarks/flash.py --threads 2 --n-local 1024 --json results/flash.json
 """
@@ -58,21 +58,17 @@ def prefill_tps(llm, tokens) -> float:
     return len(tokens) / (time.perf_counter() - t)
 
 
-def decode_ms(llm, prompt, follow) -> tuple[float, list]:
-    """Median ms per decoded token, and the ms of the tokens that rebased (lminf) or shifted (shift)."""
+def decode_ms(llm, prompt, follow) -> float:
+    """Median ms per decoded token."""
     llm.reset()
     llm.feed(prompt)
-    ms, events = [], []
+    ms = []
     for tok in follow:
-        before = llm.cache_info()
         t = time.perf_counter()
         for _ in llm.eval([tok]):
             pass
         ms.append(1000 * (time.perf_counter() - t))
-        after = llm.cache_info()
-        if after["rebases"] + after["shifts"] > before["rebases"] + before["shifts"]:
-            events.append(ms[-1])
-    return float(np.median(ms)), events
+    return float(np.median(ms))
 
 
 def main() -> None:
@@ -110,7 +106,7 @@ def main() -> None:
 
         # vanilla decodes at depth G + L: its prompt is the last G + L tokens of the others' prompt
         span = args.n_global + args.n_local
-        best = {label: dict(prefill=0.0, decode=float("inf"), events=[]) for label, _, _ in configs}
+        best = {label: dict(prefill=0.0, decode=float("inf")) for label, _, _ in configs}
         for r in range(args.rounds):
             for label, mode, flash in configs:
                 with open_session(model, args, mode, flash) as llm:
@@ -118,10 +114,10 @@ def main() -> None:
                     pre = tokens[:min(args.prefill, span)] if mode == "vanilla" else tokens[:args.prefill]
                     b["prefill"] = max(b["prefill"], prefill_tps(llm, pre))
                     prompt = tokens[args.prompt - span:args.prompt] if mode == "vanilla" else tokens[:args.prompt]
-                    med, events = decode_ms(llm, prompt, tokens[args.prompt:args.prompt + args.decode])
-                    b["decode"] = min(b["decode"], med)
-                    b["events"] += events
-                    b["flash_used"] = llm.cache_info().get("flash_attn")
+                    b["decode"] = min(b["decode"], decode_ms(llm, prompt, tokens[args.prompt:args.prompt + args.decode]))
+                    b["flash_used"] = llm.cache_info()["flash_attn"]
+                    if b["flash_used"] != flash:
+                        raise SystemExit(f"{label}: llama.cpp resolved flash attention to {b['flash_used']}")
                 print(f"round {r + 1}: {label}: {b['prefill']:.0f} tok/s, {b['decode']:.2f} ms/token", flush=True)
 
     def ratio(label, other, key):
@@ -134,13 +130,13 @@ def main() -> None:
           f"prefill {args.prefill} tokens, decode {args.decode} tokens after {args.prompt} (vanilla: prefill "
           f"{min(args.prefill, span)}, decode after {span}); best of {args.rounds} interleaved rounds")
     print("| path | prefill tok/s | decode ms/token | prefill vs shift (flash on) | decode vs shift (flash on) |"
-          " rebase or shift tokens (ms) |")
-    print("|" + "---|" * 6)
+          " prefill vs mask (flash on) | decode vs mask (flash on) |")
+    print("|" + "---|" * 7)
     for label, _, _ in configs:
         b = best[label]
-        ev = ", ".join(f"{x:.1f}" for x in b["events"][:6]) or "-"
         print(f"| {label} | {b['prefill']:.0f} | {b['decode']:.2f} | {ratio(label, 'shift, flash on', 'prefill')} | "
-              f"{ratio(label, 'shift, flash on', 'decode')} | {ev} |")
+              f"{ratio(label, 'shift, flash on', 'decode')} | {ratio(label, 'mask, flash on', 'prefill')} | "
+              f"{ratio(label, 'mask, flash on', 'decode')} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         meta = dict(machine=platform.platform(), cpus=os.cpu_count(), threads=args.threads, n_global=args.n_global,

@@ -27,8 +27,9 @@ from common import austen_path  # benchmarks/common.py
 def measure(args, mode: str, tokens: list) -> dict:
     from lminf_gguf import LMInfinite
 
+    flash = {"auto": None, "on": True, "off": False}[args.flash_attn]
     with LMInfinite(args.model, mode=mode, n_global=args.n_global, n_local=args.n_local, n_batch=args.n_batch,
-                    n_threads=args.threads) as llm:
+                    n_threads=args.threads, flash_attn=flash) as llm:
         llm.feed(tokens[:args.prefix])
         latency, events = [], []
         for tok in tokens[args.prefix:args.prefix + args.tokens]:
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=None, help="tokens prefilled first (default: 2 L)")
     ap.add_argument("--tokens", type=int, default=None, help="tokens decoded one at a time (default: 3 L)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--json")
     args = ap.parse_args()
     args.prefix = 2 * args.n_local if args.prefix is None else args.prefix
@@ -80,7 +82,7 @@ def main() -> None:
 
     rows = [measure(args, mode, tokens) for mode in args.modes]
     print(f"decode latency, {args.tokens} tokens after a {args.prefix}-token prefix, G = {args.n_global}, "
-          f"L = {args.n_local}, n_batch = {args.n_batch}, {args.threads} threads")
+          f"L = {args.n_local}, n_batch = {args.n_batch}, {args.threads} threads, flash attention {args.flash_attn}")
     print("| mode | median ms | p99 ms | max ms | max / median | tokens > 1.5x median | shifts or rebases | "
           "median ms at those |")
     print("|" + "---|" * 8)
@@ -90,7 +92,8 @@ def main() -> None:
               f"{r['max_over_median']:.2f} | {r['over_1_5x']} | {r['events']} | {at} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        meta = dict(machine=platform.platform(), cpus=os.cpu_count(), threads=args.threads, n_global=args.n_global,
+        meta = dict(machine=platform.platform(), cpus=os.cpu_count(), threads=args.threads, flash_attn=args.flash_attn,
+                    n_global=args.n_global,
                     n_local=args.n_local, n_batch=args.n_batch, prefix=args.prefix, tokens=args.tokens)
         Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows)))
 

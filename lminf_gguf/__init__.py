@@ -2,10 +2,10 @@
 
 from . import _lib  # noqa: F401  (must come first: points llama_cpp at the patched library)
 from .cache import ContextFullError
-from .engine import CHATML_TEMPLATE, MODES, Cancelled, LMInfinite, StateError
+from .engine import CHATML_TEMPLATE, MODES, Cancelled, LMInfinite, SessionBusyError, StateError
 from .models import Model, default_model_path
 
 __version__ = "0.1.0"
 
-__all__ = ["LMInfinite", "Model", "ContextFullError", "Cancelled", "StateError", "CHATML_TEMPLATE", "MODES",
-           "default_model_path", "__version__"]
+__all__ = ["LMInfinite", "Model", "ContextFullError", "Cancelled", "StateError", "SessionBusyError",
+           "CHATML_TEMPLATE", "MODES", "default_model_path", "__version__"]

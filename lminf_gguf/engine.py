@@ -62,7 +62,12 @@ KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
 _FLASH = {None: "LLAMA_FLASH_ATTN_TYPE_AUTO", True: "LLAMA_FLASH_ATTN_TYPE_ENABLED",
           False: "LLAMA_FLASH_ATTN_TYPE_DISABLED"}
 
-__all__ = ["LMInfinite", "ContextFullError", "Cancelled", "StateError", "MODES", "CHATML_TEMPLATE"]
+__all__ = ["LMInfinite", "ContextFullError", "Cancelled", "StateError", "SessionBusyError", "MODES",
+           "CHATML_TEMPLATE"]
+
+
+class SessionBusyError(RuntimeError):
+    """A session was called from a second thread while a call (or an unfinished stream) of another was running."""
 
 
 def _in_use(method):
@@ -120,6 +125,7 @@ class LMInfinite:
         # calls in progress, so that close() from another thread never frees what they use
         self._users_lock = threading.Lock()
         self._users = 0
+        self._owner: Optional[int] = None  # thread of the calls in progress
         self._close_pending = False
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -196,6 +202,11 @@ class LMInfinite:
                                "(run with verbose=True for its log)")
         self.ctx = ctx
         self._batch = llama_raw.llama_batch_init(n_batch, 0, 1)
+        # llama.cpp may grant less than asked (n_batch is capped at n_ctx, e.g. a small vanilla n_ctx or a small
+        # trained context) and aborts the process on a batch above what it granted: never hand it more
+        self.n_batch = min(self.n_batch, int(llama_raw.llama_n_batch(ctx)))
+        self.n_ubatch = min(self.n_ubatch, int(llama_raw.llama_n_ubatch(ctx)), self.n_batch)
+        n_batch = self.n_batch
 
         # rebasing is exact only with the ceiling: in "mask" mode sinks keep their true, growing distance, so the
         # window is moved only where float32 RoPE angles would otherwise lose all precision
@@ -250,9 +261,16 @@ class LMInfinite:
 
     @contextlib.contextmanager
     def _use(self):
+        me = threading.get_ident()
         with self._users_lock:
             if self._close_pending or not getattr(self, "ctx", None):
                 raise RuntimeError("this LMInfinite session is closed")
+            # one thread at a time: llama.cpp aborts or crashes when two threads decode in one context; refuse
+            # at once rather than wait (a wait would hide the misuse and can deadlock an unfinished stream)
+            if self._users and self._owner != me:
+                raise SessionBusyError("this LMInfinite session is in use by another thread (a call or an unfinished "
+                                       "stream); use one session per thread, sharing a Model to share the weights")
+            self._owner = me
             self._users += 1
         try:
             yield

@@ -1,0 +1,107 @@
+"""Misuse a library must survive: each case runs in a child process, so that an abort (SIGABRT from a GGML_ASSERT,
+a segfault) fails the test instead of killing the suite. Tiny random model: fast, no default model needed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def run_child(code: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"child died with {proc.returncode}:\n{proc.stderr[-2000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_model):
+    return str(tiny_model("f32-gqa2")[0])
+
+
+@pytest.mark.parametrize("call", ["nll", "logits", "generate"])
+def test_small_vanilla_n_ctx_does_not_abort(model_path, call):
+    """llama.cpp caps n_batch at a small n_ctx; the engine reads back what it granted (it used to send 512 tokens
+    and abort on GGML_ASSERT(n_tokens_all <= cparams.n_batch))."""
+    out = run_child(f"""
+        import lminf_gguf
+        llm = lminf_gguf.LMInfinite({model_path!r}, mode="vanilla", n_ctx=100, n_threads=1)
+        assert llm.n_batch <= 100, llm.n_batch
+        tokens = [4 + i % 90 for i in range(90)]
+        try:
+            if {call!r} == "nll":
+                print(len(llm.nll(tokens)))
+            elif {call!r} == "logits":
+                print(llm.logits(tokens).shape[0])
+            else:
+                print(len(llm.generate(tokens, max_tokens=4, temperature=0)) >= 0)
+            llm.nll([4 + i % 90 for i in range(1000)])   # beyond the context: a Python error
+        except lminf_gguf.ContextFullError as e:
+            print("ContextFullError", e)
+    """)
+    assert "ContextFullError" in out.stdout
+
+
+def test_n_batch_above_the_lminf_cache_does_not_abort(model_path):
+    """lminf with n_ubatch < n_batch and a small window: the cache (G + L + n_ubatch) is smaller than n_batch."""
+    out = run_child(f"""
+        import lminf_gguf
+        llm = lminf_gguf.LMInfinite({model_path!r}, n_global=2, n_local=16, n_batch=512, n_ubatch=8, n_threads=1)
+        print(llm.n_batch, len(llm.nll([4 + i % 90 for i in range(296)])))
+    """)
+    n_batch, n = map(int, out.stdout.split())
+    assert n_batch <= 2 + 16 + 8 and n == 295
+
+
+def test_two_threads_on_one_session_raise_instead_of_crashing(model_path):
+    out = run_child(f"""
+        import threading, lminf_gguf
+        llm = lminf_gguf.LMInfinite({model_path!r}, n_local=16, n_threads=1)
+        busy, done, other = [], [], []
+        def work(seed):
+            for _ in range(40):
+                try:
+                    llm.nll([4 + (i + seed) % 90 for i in range(200)])
+                    done.append(seed)
+                except lminf_gguf.SessionBusyError as e:
+                    busy.append(str(e))
+                except Exception as e:
+                    other.append(repr(e))
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print(len(busy), len(done), other)
+        print(busy[0] if busy else "")
+    """)
+    first, message = out.stdout.splitlines()[:2]
+    n_busy, n_done, other = first.split(" ", 2)
+    assert other == "[]" and int(n_done) > 0
+    assert int(n_busy) > 0 and "another thread" in message
+
+
+def test_an_unfinished_stream_holds_the_session_for_its_thread(model_path):
+    """A stream in progress is a use: another thread is refused, the owning thread may go on."""
+    out = run_child(f"""
+        import threading, lminf_gguf
+        llm = lminf_gguf.LMInfinite({model_path!r}, n_local=16, n_threads=1)
+        stream = llm.eval([4 + i % 90 for i in range(96)], all_logits=False)
+        next(stream)
+        res = []
+        t = threading.Thread(target=lambda: res.append(
+            "busy" if isinstance(_try(), lminf_gguf.SessionBusyError) else "ran"))
+        def _try():
+            try:
+                llm.nll([5, 6, 7])
+            except Exception as e:
+                return e
+        t.start(); t.join()
+        print(res[0], llm.cache_info()["n_tokens"] > 0)
+        stream.close()
+        t = threading.Thread(target=lambda: res.append(len(llm.nll([5, 6, 7]))))
+        t.start(); t.join()
+        print(res[1])
+    """)
+    assert out.stdout.split() == ["busy", "True", "2"]
