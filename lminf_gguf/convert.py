@@ -309,7 +309,6 @@ def _quantize_into(src: Path, out: Path, quant: str, keys: Mapping[str, Optional
     from . import _lib
     from ._lib import llama_raw
 
-    _lib.set_verbose(verbose)
     params = llama_raw.llama_model_quantize_default_params()
     params.ftype = getattr(llama_raw, QUANTS[quant])
     params.nthread = int(n_threads or 0)  # 0: all cores
@@ -323,7 +322,8 @@ def _quantize_into(src: Path, out: Path, quant: str, keys: Mapping[str, Optional
             o.key = key.encode()
             o.value.val_i64 = value
         params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_raw.llama_model_kv_override))
-    rc = llama_raw.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    with _lib.verbosity(verbose):
+        rc = llama_raw.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize failed on {src} (code {rc}; verbose=True shows llama.cpp's log)")
 

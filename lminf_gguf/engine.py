@@ -149,7 +149,7 @@ class LMInfinite:
         self.model = Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) if self._own_model else model
         if self.model.llama is None:
             raise ValueError("the shared Model is closed")
-        _lib.set_verbose(verbose)
+        self.verbose = verbose  # llama.cpp's log on stderr during this session's calls (lminf_gguf._lib.verbosity)
         self._model = self.model.llama
         self.model_path = self.model.path
         self.metadata = self.model.metadata
@@ -195,7 +195,7 @@ class LMInfinite:
             topk_params.type, topk_params.seg_rows = STORE_TYPES[store_type], store_segment
             topk_params.block, topk_params.n_blocks = topk_block, topk_blocks
             topk_params.dir = os.fsencode(store_dir) if store_dir is not None else None
-        with self.model.context_lock:
+        with self.model.context_lock, _lib.verbosity(verbose):
             ctx = self._new_context(cparams, n_ctx, topk_params)
         if not ctx:
             raise RuntimeError(f"llama.cpp could not create a {mode} context for {self.model_path} "
@@ -273,7 +273,8 @@ class LMInfinite:
             self._owner = me
             self._users += 1
         try:
-            yield
+            with _lib.verbosity(self.verbose):
+                yield
         finally:
             with self._users_lock:
                 self._users -= 1
@@ -662,7 +663,7 @@ class LMInfinite:
     def chat_formatter(self):
         """The Jinja2 chat formatter of this model: the GGUF tokenizer.chat_template, or CHATML_TEMPLATE."""
         if self._formatter is None:
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+            Jinja2ChatFormatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter
 
             vocab = self._model.vocab
 
@@ -691,7 +692,7 @@ class LMInfinite:
         except Exception:
             if self._template_source != "gguf":
                 raise
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+            Jinja2ChatFormatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter
             return Jinja2ChatFormatter(CHATML_TEMPLATE, eos_token="", bos_token="")(messages=messages).prompt
 
     def create_chat_completion(self, messages: List[dict], max_tokens: Optional[int] = None,
@@ -726,7 +727,7 @@ class LMInfinite:
                                 seed, _stops(stop) + ["<|im_end|>"] * (self._template_source != "gguf"), None,
                                 text, info)
         cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
-        from llama_cpp.llama_chat_format import _convert_completion_to_chat
+        _convert_completion_to_chat = llama_cpp.llama_chat_format._convert_completion_to_chat
         if stream:
             return _convert_completion_to_chat(self._completion_chunks(pieces, info, cid, created), stream=True)
         reply = "".join(pieces)

@@ -101,7 +101,6 @@ class Model:
     """
 
     def __init__(self, path=None, *, n_gpu_layers: int = 0, verbose: bool = False):
-        _lib.set_verbose(verbose)
         self.path = resolve_model(path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"model file not found: {self.path}")
@@ -113,7 +112,8 @@ class Model:
         mparams.n_gpu_layers = n_gpu_layers
         _lib.last_errors()
         try:
-            self.llama = llama_cpp._internals.LlamaModel(path_model=self.path, params=mparams, verbose=verbose)
+            with _lib.verbosity(verbose):
+                self.llama = llama_cpp._internals.LlamaModel(path_model=self.path, params=mparams, verbose=verbose)
         except ValueError as e:
             # llama.cpp's first error line says what is wrong; the exception only that the load failed
             errors = _lib.last_errors()
