@@ -1,11 +1,13 @@
 """lminf_gguf: LM-Infinite (Han et al., NAACL 2024) in llama.cpp, for unbounded inputs with bounded memory."""
 
 from . import _lib  # noqa: F401  (must come first: points llama_cpp at the patched library)
-from .cache import ContextFullError
-from .engine import CHATML_TEMPLATE, MODES, Cancelled, LMInfinite, SessionBusyError, StateError
+from .engine import CHATML_TEMPLATE, MODES, LMInfinite
+from .errors import (Cancelled, ContextFullError, InvalidInputError, LMInfiniteError, SessionBusyError,
+                     StateError)
 from .models import Model, default_model_path
 
 __version__ = "0.1.0"
 
-__all__ = ["LMInfinite", "Model", "ContextFullError", "Cancelled", "StateError", "SessionBusyError",
+__all__ = ["LMInfinite", "Model", "LMInfiniteError", "InvalidInputError", "ContextFullError", "Cancelled",
+           "StateError", "SessionBusyError",
            "CHATML_TEMPLATE", "MODES", "default_model_path", "__version__"]

@@ -1,4 +1,4 @@
-"""Raw bindings: a private copy of llama-cpp-python's ctypes layer bound to our patched library, plus our new C functions.
+"""Raw bindings: a private copy of llama-cpp-python's ctypes layer bound to our patched library, and our C functions.
 
 The patched llama.cpp is built under its own names (libllama-lminf, libggml-lminf, ...; see CMakeLists.txt), so
 it never collides with another llama.cpp in the process, such as the one of a llama-cpp-python the application

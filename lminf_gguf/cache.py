@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 from . import _lib
 from ._lib import llama_raw
+from .errors import ContextFullError
 
+__all__ = ["SequenceCache", "ContextFullError", "MASK_REBASE_AT"]
 
-class ContextFullError(RuntimeError):
-    """Raised in "vanilla" mode when a stream would exceed n_ctx (LM-Infinite modes never raise it)."""
+# positions up to 2^24 are exact in float32
+MASK_REBASE_AT = 1 << 24
 
 
 @dataclass
@@ -32,6 +34,16 @@ class SequenceCache:
     n_seen: int = 0        # tokens evaluated since the last reset (the stream's true length)
     n_rebase: int = 0
     n_shift: int = 0
+
+    @classmethod
+    def for_session(cls, ctx, mode, n_global: int, n_local: int, n_batch: int, rebase_at) -> "SequenceCache":
+        """The bookkeeping of a new context of `mode` (an options.Mode); rebase_at None: the mode's default."""
+        # rebasing is exact only with the ceiling: in "mask" mode sinks keep their true, growing distance, so the
+        # window is moved only where float32 RoPE angles would otherwise lose all precision
+        min_rebase = n_global + n_local + n_batch
+        default_rebase = min_rebase + n_local if mode.ceiling else MASK_REBASE_AT
+        return cls(ctx=ctx, bounded=mode.bounded, shift=mode.shift, n_global=n_global, n_local=n_local,
+                   n_ctx=llama_raw.llama_n_ctx(ctx), rebase_at=max(rebase_at or default_rebase, min_rebase))
 
     def reset(self) -> None:
         llama_raw.llama_memory_clear(llama_raw.llama_get_memory(self.ctx), True)

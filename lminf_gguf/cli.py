@@ -17,56 +17,14 @@ import time
 from pathlib import Path
 
 from . import convert, server
-
-
-MODE_HELP = ("attention: lminf = LM-Infinite (default), lminf-topk = LM-Infinite plus the top-k middle tokens, "
-             "mask = Λ-mask only, shift = llama.cpp's context shift at the same KV budget, vanilla = unchanged "
-             "llama.cpp")
-MODE_CHOICES = ["lminf", "lminf-topk", "mask", "shift", "vanilla"]
-
-# --flash-attn values -> LMInfinite(flash_attn=...)
-FLASH_CHOICES = {"auto": None, "on": True, "off": False}
-
-
-def _model_flags(p: argparse.ArgumentParser, several_modes: bool = False) -> None:
-    p.add_argument("-m", "--model", help="GGUF model: a path or hf:OWNER/REPO/FILE.gguf (Hugging Face cache "
-                   "first; HF_HUB_OFFLINE=1 honoured); default: the offline SmolLM2-135M-Instruct Q4_1")
-    if several_modes:
-        p.add_argument("--mode", nargs="+", default=["lminf"], choices=MODE_CHOICES,
-                       help=MODE_HELP + "; several modes run one after the other")
-    else:
-        p.add_argument("--mode", default="lminf", choices=MODE_CHOICES, help=MODE_HELP)
-    p.add_argument("--n-global", type=int, help="global (sink) tokens G (default: GGUF lminf.n_global, else 10)")
-    p.add_argument("--n-local", type=int, help="window L (default: GGUF lminf.n_local, else trained context)")
-    p.add_argument("--dist-max", type=int, help="distance ceiling C (default: GGUF lminf.dist_max, else L)")
-    p.add_argument("-c", "--ctx-size", type=int, help="vanilla mode only: context size (default: trained)")
-    p.add_argument("--topk", type=int, default=5, help="lminf-topk: middle tokens per KV head (default 5)")
-    p.add_argument("--topk-layer", type=int, default=4, help="lminf-topk: first layer that picks them (default 4)")
-    p.add_argument("--topk-dist", type=int, help="lminf-topk: distance they are attended at (default L/2)")
-    p.add_argument("--topk-block", type=int, default=0,
-                   help="lminf-topk: block index with blocks of this many keys (default 0: exact scan)")
-    p.add_argument("--topk-blocks", type=int, default=8, help="lminf-topk: blocks scanned per segment (default 8)")
-    p.add_argument("--store-type", default="f16", choices=["f32", "f16", "q8_0", "q4_0"],
-                   help="lminf-topk: type of the middle-token store (default f16)")
-    p.add_argument("--store-dir", help="lminf-topk: keep the store in memory-mapped files in this directory")
-    p.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per llama_decode call")
-    p.add_argument("-t", "--threads", type=int, help="CPU threads (default: all cores)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
-    p.add_argument("-fa", "--flash-attn", choices=list(FLASH_CHOICES), default="auto",
-                   help="flash attention (default auto: on where the backend supports the mode; lminf-topk: off)")
-    p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+from .errors import LMInfiniteError
+from .options import (CHAT_TEMPERATURE, FLASH_CHOICES, add_model_flags, add_sampling_flags, engine_kwargs,
+                      sampling_kwargs)
 
 
 def open_engine(args, mode=None, n_ctx=None, flash_attn="args"):
     from .engine import LMInfinite
-    flash = FLASH_CHOICES[getattr(args, "flash_attn", "auto")] if flash_attn == "args" else flash_attn
-    return LMInfinite(args.model, mode=mode or args.mode, n_global=args.n_global, n_local=args.n_local,
-                      dist_max=args.dist_max, n_ctx=n_ctx or args.ctx_size, n_batch=args.batch_size,
-                      flash_attn=flash,
-                      n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose,
-                      topk=args.topk, topk_layer=args.topk_layer, topk_dist=args.topk_dist,
-                      topk_block=args.topk_block, topk_blocks=args.topk_blocks, store_type=args.store_type,
-                      store_dir=args.store_dir)
+    return LMInfinite(args.model, **engine_kwargs(args, mode, n_ctx, flash_attn))
 
 
 class _Progress:
@@ -100,9 +58,7 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _sampling(args) -> dict:
-    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repeat_penalty=args.repeat_penalty, seed=args.seed)
+_sampling = sampling_kwargs
 
 
 def cmd_generate(args) -> int:
@@ -327,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("-p", "--prompt", help="prompt text")
     src.add_argument("-f", "--file", help="read the prompt from a file (streamed: any size)")
     g.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
-    _sampling_flags(g, 0.8)
-    _model_flags(g)
+    add_sampling_flags(g)
+    add_model_flags(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="chat on stdin with the model's chat template; history of any length",
@@ -336,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                        + CHAT_HELP)
     c.add_argument("-s", "--system", help="system message")
     c.add_argument("-n", "--n-predict", type=int, default=256, help="most tokens per reply (default 256)")
-    _sampling_flags(c, 0.2)
-    _model_flags(c)
+    add_sampling_flags(c, CHAT_TEMPERATURE)
+    add_model_flags(c)
     c.set_defaults(func=cmd_chat)
 
     i = sub.add_parser("info", help="architecture, context, rope, LM-Infinite settings and tensor types of a "
@@ -352,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
     pp.add_argument("--csv", help="write mode, bucket, tokens, mean NLL, perplexity rows here")
     pp.add_argument("--plot", help="write a PNG of NLL against position (log x axis) here")
-    _model_flags(pp, several_modes=True)
+    add_model_flags(pp, several_modes=True)
     pp.set_defaults(func=cmd_perplexity)
 
     pk = sub.add_parser("passkey", help="passkey retrieval accuracy over prompt lengths and depths",
@@ -365,21 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--seed", type=int, default=0)
     pk.add_argument("--csv", help="write mode, tokens, depth, accuracy rows here")
     pk.add_argument("--plot", help="heatmap PNG per mode (the mode is added to the file name)")
-    _model_flags(pk, several_modes=True)
+    add_model_flags(pk, several_modes=True)
     pk.set_defaults(func=cmd_passkey)
 
     convert.add_parsers(sub)
     server.add_parser(sub)
     return ap
 
-
-def _sampling_flags(p: argparse.ArgumentParser, temp: float) -> None:
-    p.add_argument("--temp", type=float, default=temp, help=f"temperature, 0 = greedy (default {temp})")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
 
 
 def main(argv=None) -> int:
@@ -389,7 +337,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as e:
+    except (LMInfiniteError, ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as e:
         sys.stderr.write(f"lminf: error: {e}\n")
         return 2
 

@@ -46,7 +46,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator, Optional
 
-from .cache import ContextFullError
+from .errors import CLIENT_ERRORS, ContextFullError
+from .options import CHAT_TEMPERATURE, SAMPLING, add_model_flags, engine_kwargs
 
 __all__ = ["LMInfServer", "make_server", "add_parser", "cmd_serve", "MAX_BODY_BYTES"]
 
@@ -76,15 +77,16 @@ def _bad(message: str, param: Optional[str] = None, code: Optional[str] = None) 
 
 @contextlib.contextmanager
 def _engine_errors():
-    """Engine exceptions as HTTP errors: bad values -> 400, a full vanilla context -> 400, others -> 500."""
+    """Engine exceptions as HTTP errors: the client's mistakes (errors.CLIENT_ERRORS: a value the engine refuses,
+    a full vanilla context) -> 400; anything else is ours -> 500."""
     try:
         yield
     except ContextFullError as e:
         raise _bad(str(e), code="context_length_exceeded") from None
-    except (ValueError, TypeError) as e:
+    except CLIENT_ERRORS as e:
         raise _bad(str(e)) from None
-    except RuntimeError as e:
-        raise RequestError(500, f"generation failed: {e}") from None
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise RequestError(500, f"generation failed: {type(e).__name__}: {e}") from None
 
 
 # -- request validation ---------------------------------------------------------------------------------------
@@ -130,10 +132,10 @@ def _sampling(body: dict, max_tokens_default: Optional[int], temperature_default
     return dict(
         max_tokens=_number(body, "max_tokens", max_tokens_default, low=1, integer=True),
         temperature=_number(body, "temperature", temperature_default, low=0.0),
-        top_p=_number(body, "top_p", 0.95, low=0.0, high=1.0),
-        top_k=_number(body, "top_k", 40, low=0, integer=True),
-        min_p=_number(body, "min_p", 0.05, low=0.0, high=1.0),
-        repeat_penalty=_number(body, "repeat_penalty", 1.0, low=0.0, low_open=True),
+        top_p=_number(body, "top_p", SAMPLING.top_p, low=0.0, high=1.0),
+        top_k=_number(body, "top_k", SAMPLING.top_k, low=0, integer=True),
+        min_p=_number(body, "min_p", SAMPLING.min_p, low=0.0, high=1.0),
+        repeat_penalty=_number(body, "repeat_penalty", SAMPLING.repeat_penalty, low=0.0, low_open=True),
         seed=None if seed == -1 else seed,
         stop=stop,
         stream=stream,
@@ -157,7 +159,7 @@ def parse_completion_request(body: dict) -> dict:
         raise _bad("'echo' is not supported", "echo")
     if body.get("suffix"):
         raise _bad("'suffix' is not supported", "suffix")
-    return dict(prompt=prompt, **_sampling(body, 16, 0.8))
+    return dict(prompt=prompt, **_sampling(body, 16, SAMPLING.temperature))
 
 
 def _content(message: dict, i: int) -> str:
@@ -197,7 +199,7 @@ def parse_chat_request(body: dict) -> dict:
         clean.append({"role": role, "content": _content(m, i)})
     if body.get("tools") or body.get("functions"):
         raise _bad("tools and functions are not supported", "tools")
-    return dict(messages=clean, **_sampling(body, None, 0.2))
+    return dict(messages=clean, **_sampling(body, None, CHAT_TEMPERATURE))
 
 
 # -- server -----------------------------------------------------------------------------------------------------
@@ -533,9 +535,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models)",
         description="Serve one model over an OpenAI-compatible HTTP API. Requests are handled one at a time "
                     "(one llama.cpp context); conversations longer than the window are read with LM-Infinite.")
-    from .cli import _model_flags
-
-    _model_flags(p)
+    add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
@@ -548,11 +548,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_serve(args) -> int:
-    from .cli import open_engine
+    from .engine import LMInfinite
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, not {args.port}")
-    llm = open_engine(args)
+    llm = LMInfinite(args.model, **engine_kwargs(args))
     try:
         server = make_server(llm, args.host, args.port, api_key=args.api_key, model_id=args.alias,
                              log=not args.quiet)

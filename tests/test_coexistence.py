@@ -7,8 +7,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+
+HERE = str(Path(__file__).resolve().parent)
 
 from conftest import needs_default_model
 
@@ -20,8 +23,9 @@ ORDERS = {
 
 
 def run_child(code: str, timeout: int = 300) -> str:
+    # cwd: the tests folder, so that the child imports the installed package, not the source tree's
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=HERE)
     assert proc.returncode == 0, f"child died with {proc.returncode}:\n{proc.stderr[-3000:]}"
     return proc.stdout
 

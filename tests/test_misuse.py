@@ -6,13 +6,17 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
+HERE = str(Path(__file__).resolve().parent)
+
 
 def run_child(code: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    # cwd: the tests folder, so that the child imports the installed package, not the source tree's
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=HERE)
     assert proc.returncode == 0, f"child died with {proc.returncode}:\n{proc.stderr[-2000:]}"
     return proc
 
@@ -105,3 +109,23 @@ def test_an_unfinished_stream_holds_the_session_for_its_thread(model_path):
         print(res[1])
     """)
     assert out.stdout.split() == ["busy", "True", "2"]
+
+
+def test_token_ids_outside_the_vocabulary_raise_instead_of_aborting(model_path):
+    """llama.cpp throws std::out_of_range (uncaught: SIGABRT) on such ids in detokenize; every entry point checks."""
+    out = run_child(f"""
+        import lminf_gguf
+        llm = lminf_gguf.LMInfinite({model_path!r}, n_local=16, n_threads=1)
+        n = llm.n_vocab
+        calls = [lambda t: llm.detokenize(t), lambda t: llm.nll([5, 6] + t), lambda t: llm.logits(t),
+                 lambda t: llm.generate([5] + t, max_tokens=2), lambda t: llm.feed(t)]
+        for bad in ([n], [-1], [10 ** 9], [2 ** 63], [1.5]):
+            for call in calls:
+                try:
+                    call(bad)
+                    print("accepted", bad)
+                except (ValueError, TypeError) as e:  # a clear Python error, never an abort
+                    assert "token id" in str(e) or isinstance(bad[0], float), e
+        print("ok", llm.detokenize([5, 6]) is not None, len(llm.nll([5, 6, 7])))
+    """)
+    assert out.stdout.split() == ["ok", "True", "2"]

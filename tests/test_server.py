@@ -129,8 +129,10 @@ class FakeLLM:
         self.cancelled.clear()
         self.calls.append(dict(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop))
-        if prompt == "explode":
-            raise ValueError("bad prompt for the engine")
+        if prompt == "explode":  # the engine's way of saying "your input": lminf_gguf.InvalidInputError
+            raise lminf_gguf.InvalidInputError("bad prompt for the engine")
+        if prompt == "internal":  # a ValueError that is not about the input is ours: 500
+            raise ValueError("an internal ValueError")
         if prompt == "bug":
             raise KeyError("a bug in the engine")
         base = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": self.model_path}
@@ -258,9 +260,11 @@ def test_fake_bad_requests(fake):
     assert_error(*srv.json("GET", "/v1/completions"), 405)
     assert_error(*srv.json("POST", "/v1/models", {}), 405)
     assert_error(*srv.json("OPTIONS", "/v1/models"), 501)  # http.server's own errors are JSON too
-    # an engine ValueError is the client's fault, also when streaming (before any byte is sent)
+    # the engine's InvalidInputError is the client's fault, also when streaming (before any byte is sent)
     assert_error(*srv.json("POST", "/v1/completions", {"prompt": "explode"}), 400)
     assert_error(*srv.json("POST", "/v1/completions", {"prompt": "explode", "stream": True}), 400)
+    # any other exception is ours (errors.CLIENT_ERRORS decides)
+    assert_error(*srv.json("POST", "/v1/completions", {"prompt": "internal"}), 500)
     # anything else is the server's fault: 500, and the lock is free again
     status, out = srv.json("POST", "/v1/completions", {"prompt": "bug"})
     assert_error(status, out, 500)

@@ -1,0 +1,127 @@
+"""A session's llama.cpp context: how it is created for each mode, and who may use it when.
+
+SessionUse is the rule for calls: one thread at a time (llama.cpp aborts or crashes when two threads decode in
+one context, so a second thread is refused at once with SessionBusyError rather than made to wait, which would
+hide the misuse and can deadlock an unfinished stream), and close() from any thread never frees what a call in
+progress uses: it cancels the call and the last use frees the context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from typing import Callable, Optional
+
+from . import _lib
+from ._lib import llama_raw
+from .errors import SessionBusyError
+from .options import KV_TYPES, MODES, STORE_TYPES
+
+_FLASH = {None: "LLAMA_FLASH_ATTN_TYPE_AUTO", True: "LLAMA_FLASH_ATTN_TYPE_ENABLED",
+          False: "LLAMA_FLASH_ATTN_TYPE_DISABLED"}
+
+
+class SessionUse:
+    """Calls in progress on one session (see the module docstring)."""
+
+    def __init__(self, free: Callable[[], None], cancel: threading.Event):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._owner: Optional[int] = None   # thread of the calls in progress
+        self._close_pending = False
+        self._closed = False
+        self._free, self._cancel = free, cancel
+
+    @contextlib.contextmanager
+    def __call__(self, verbose: bool = False):
+        me = threading.get_ident()
+        with self._lock:
+            if self._close_pending or self._closed:
+                raise RuntimeError("this LMInfinite session is closed")
+            if self._users and self._owner != me:
+                raise SessionBusyError("this LMInfinite session is in use by another thread (a call or an unfinished "
+                                       "stream); use one session per thread, sharing a Model to share the weights")
+            self._owner = me
+            self._users += 1
+        try:
+            with _lib.verbosity(verbose):
+                yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and self._close_pending:
+                    self._close_now()
+
+    def close(self) -> None:
+        """Free now, or cancel the call in progress and free when it returns."""
+        with self._lock:
+            if self._users:
+                self._close_pending = True
+                self._cancel.set()
+                return
+            self._close_now()
+
+    def _close_now(self) -> None:
+        self._closed = True
+        self._free()
+
+
+def in_use(method):
+    """Run a method that touches the context or the model as a use of the session. Public entry points only: the
+    private helpers they call (_decode, _piece) run inside their use."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._use(self.verbose):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def in_use_stream(method):
+    """in_use for a generator method: the use lasts until the stream ends or is closed."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._use(self.verbose):
+            yield from method(self, *args, **kwargs)
+    return wrapper
+
+
+def context_params(n_batch: int, n_ubatch: int, n_threads: Optional[int], type_k: str, type_v: str,
+                   flash_attn: Optional[bool]):
+    """llama_context_params for one sequence."""
+    cparams = llama_raw.llama_context_default_params()
+    cparams.n_batch = n_batch
+    cparams.n_ubatch = n_ubatch
+    cparams.n_seq_max = 1
+    cparams.n_threads = cparams.n_threads_batch = n_threads or os.cpu_count() or 1
+    cparams.type_k = KV_TYPES[type_k]
+    cparams.type_v = KV_TYPES[type_v]
+    cparams.flash_attn_type = getattr(llama_raw, _FLASH[flash_attn])
+    cparams.no_perf = True
+    return cparams
+
+
+def new_context(llm, cparams, n_ctx: Optional[int], topk_params) -> Optional[int]:
+    """A llama.cpp context for llm.mode (the caller holds the model's context lock); None when llama.cpp refuses."""
+    mode = MODES[llm.mode]
+    model = llm._model.model
+    if not mode.bounded:
+        cparams.n_ctx = (llm.n_global + llm.n_local + llm.n_batch) if mode.shift else (n_ctx or llm.n_ctx_train)
+        return llama_raw.llama_init_from_model(model, cparams)
+    if topk_params is not None:
+        return _lib.llama_init_from_model_lminf_topk(model, cparams, llm.n_global, llm.n_local, llm.dist_max,
+                                                     topk_params)
+    return _lib.llama_init_from_model_lminf(model, cparams, llm.n_global, llm.n_local,
+                                            llm.dist_max if mode.ceiling else 0)
+
+
+def topk_params(k: int, layer_first: int, dist: int, store_type: str, seg_rows: int, block: int, n_blocks: int,
+                store_dir) -> "_lib.llama_lminf_topk_params":
+    """llama_lminf_topk_params (patch 0005) from LMInfinite's top-k arguments."""
+    params = _lib.llama_lminf_topk_default_params()
+    params.k, params.layer_first, params.dist = k, layer_first, dist
+    params.type, params.seg_rows = STORE_TYPES[store_type], seg_rows
+    params.block, params.n_blocks = block, n_blocks
+    params.dir = os.fsencode(store_dir) if store_dir is not None else None
+    return params

@@ -1,0 +1,109 @@
+"""Sampling and the generation loop: evaluate a prompt, then sample token by token, with stop strings held back
+until they can be told apart from ordinary text. LMInfinite.generate and the OpenAI-shaped calls run on it."""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+from typing import Iterator, Optional
+
+from ._lib import llama_cpp, llama_raw
+from .errors import InvalidInputError
+from .options import MODES
+
+
+def make_sampler(llm, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
+                 seed: Optional[int]):
+    """llama.cpp's sampler chain for these settings (greedy when temperature <= 0)."""
+    sampler = llama_cpp._internals.LlamaSampler()
+    if repeat_penalty != 1.0:
+        sampler.add_penalties(llm.n_vocab, 64, repeat_penalty, 0.0, 0.0)
+    if temperature <= 0:
+        sampler.add_greedy()
+        return sampler
+    sampler.add_top_k(top_k)
+    sampler.add_top_p(top_p, 1)
+    sampler.add_min_p(min_p, 1)
+    sampler.add_temp(temperature)
+    sampler.add_dist(seed if seed is not None else llama_raw.LLAMA_DEFAULT_SEED)
+    return sampler
+
+
+def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[bytes], info: dict, temperature,
+           top_k, top_p, min_p, repeat_penalty, seed) -> Iterator[str]:
+    """Evaluate the prompt tokens, then sample; yield text pieces. info gets finish_reason, prompt_tokens,
+    completion_tokens. text: the bytes the prompt tokens stand for (chat prefix tracking), or None."""
+    info.update(finish_reason="cancelled", prompt_tokens=len(tokens), completion_tokens=0)
+    if fresh:
+        llm.reset()
+    prev_text = llm._text
+    llm._text = None
+    done = 0
+    for start in range(0, len(tokens), llm.n_batch):
+        if llm._cancel.is_set():
+            return
+        llm._decode(tokens[start:start + llm.n_batch], all_logits=False)
+        done = min(done + llm.n_batch, len(tokens))
+        if progress:
+            progress(done, len(tokens))
+    if text is not None:
+        llm._text = bytearray(text) if fresh else (prev_text + text if prev_text is not None else None)
+    if llm._last is None:
+        raise InvalidInputError("nothing to continue: empty prompt and empty sequence")
+    if max_tokens is None or max_tokens <= 0:
+        max_tokens = llm.n_local if MODES[llm.mode].bounded or MODES[llm.mode].shift else \
+            llm._cache.n_ctx - llm._cache.pos
+    sampler = make_sampler(llm, temperature, top_k, top_p, min_p, repeat_penalty, seed)
+    cand = llama_cpp._internals.LlamaTokenDataArray(n_vocab=llm.n_vocab)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    vocab = llm._model.vocab
+    generated = ""   # text sampled so far
+    emitted = 0      # characters of it already yielded
+    hold = max((len(s) for s in stops), default=0)
+    try:
+        for _ in range(max_tokens):
+            if llm._cancel.is_set():
+                info["finish_reason"] = "cancelled"
+                break
+            cand.copy_logits(llm._last)
+            llama_raw.llama_sampler_apply(sampler.sampler, ctypes.byref(cand.candidates))
+            tok = int(cand.candidates_data.id[cand.candidates.selected])
+            if llama_raw.llama_vocab_is_eog(vocab, tok):
+                info["finish_reason"] = "stop"
+                break
+            llama_raw.llama_sampler_accept(sampler.sampler, tok)
+            info["completion_tokens"] += 1
+            piece = llm._piece(tok)
+            generated += decoder.decode(piece)
+            if stops:
+                hits = [i for i in (generated.find(s, max(0, emitted - len(s))) for s in stops) if i >= 0]
+                if hits:
+                    cut = min(hits)
+                    if cut > emitted:
+                        yield generated[emitted:cut]
+                    info["finish_reason"] = "stop"
+                    return
+                # hold back a tail that may be the start of a stop string
+                safe = len(generated)
+                for k in range(1, min(hold, len(generated)) + 1):
+                    if any(s.startswith(generated[-k:]) for s in stops):
+                        safe = len(generated) - k
+            else:
+                safe = len(generated)
+            if safe > emitted:
+                yield generated[emitted:safe]
+                emitted = safe
+            llm._decode([tok], all_logits=False)
+            if llm._text is not None:
+                llm._text += piece
+        else:
+            info["finish_reason"] = "length"
+        generated += decoder.decode(b"", final=True)
+        if len(generated) > emitted:
+            yield generated[emitted:]
+    finally:
+        sampler.close()
+
+
+def stop_list(stop) -> list:
+    return [s for s in ([stop] if isinstance(stop, str) else list(stop or [])) if s]

@@ -1,0 +1,139 @@
+"""The OpenAI-shaped API (the dict shapes of llama-cpp-python's Llama) and chat templates, over a session.
+LMInfinite.create_completion / create_chat_completion / chat_formatter / render_chat call these."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Callable, List, Optional, Sequence, Union
+
+from ._lib import llama_cpp, llama_raw
+from .errors import InvalidInputError
+from .generate import stop_list
+
+# the fallback chat template when the GGUF file has none, or one that cannot be rendered
+CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                   "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                   "{% endif %}")
+
+
+def create_completion(llm, prompt: Union[str, Sequence[int]], max_tokens: Optional[int], temperature: float,
+                      top_p: float, top_k: int, min_p: float, repeat_penalty: float, seed: Optional[int],
+                      stop: Union[str, List[str], None], stream: bool, fresh: bool,
+                      progress: Optional[Callable[[int, int], None]]):
+    """Text completion with the dict shape of llama_cpp.Llama.create_completion ("text_completion"; with
+    stream=True an iterator of chunks, the last one with text "" and the finish_reason).
+
+    The prompt is evaluated in a fresh sequence unless fresh=False (then it is appended to the current
+    one; an empty prompt continues it). max_tokens None or <= 0: up to n_local tokens. finish_reason is
+    "stop" (end of generation token or stop string), "length", or "cancelled" (see cancel()).
+    """
+    llm._cancel.clear()
+    tokens = llm._prompt_tokens(prompt, fresh)
+    if not tokens and fresh:
+        raise InvalidInputError("empty prompt")
+    info: dict = {}
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                    seed=seed)
+    pieces = llm._generate(tokens, fresh, max_tokens, sampling, stop_list(stop), progress, None, info)
+    cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
+    if stream:
+        return completion_chunks(llm, pieces, info, cid, created)
+    text = "".join(pieces)
+    return {
+        "id": cid, "object": "text_completion", "created": created, "model": llm.model_name,
+        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": info["finish_reason"]}],
+        "usage": {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
+                  "total_tokens": info["prompt_tokens"] + info["completion_tokens"]},
+    }
+
+
+def completion_chunks(llm, pieces, info, cid, created):
+    def chunk(text, finish):
+        return {"id": cid, "object": "text_completion", "created": created, "model": llm.model_name,
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+    for piece in pieces:
+        yield chunk(piece, None)
+    yield chunk("", info["finish_reason"])
+
+
+def chat_formatter(llm):
+    """The Jinja2 chat formatter of this model: the GGUF tokenizer.chat_template, or CHATML_TEMPLATE."""
+    if llm._formatter is None:
+        Jinja2ChatFormatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter
+
+        vocab = llm._model.vocab
+
+        def tok_text(tok):
+            return llm._piece(tok).decode("utf-8", errors="replace") if tok >= 0 else ""
+
+        bos, eos = tok_text(llama_raw.llama_vocab_bos(vocab)), tok_text(llama_raw.llama_vocab_eos(vocab))
+        template = llm.metadata.get("tokenizer.chat_template")
+        formatter = None
+        if template:
+            try:
+                formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
+                formatter(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+            except Exception:  # a template jinja2 cannot compile or render: use the fallback
+                formatter = None
+        llm._template_source = "gguf" if formatter is not None else "chatml-fallback"
+        llm._formatter = formatter or Jinja2ChatFormatter(CHATML_TEMPLATE, eos_token=eos, bos_token=bos)
+        llm._bos_text = bos
+    return llm._formatter
+
+
+def render_chat(llm, messages: List[dict]) -> str:
+    """The prompt for messages: the model's chat template (falling back to ChatML when it fails)."""
+    formatter = chat_formatter(llm)
+    try:
+        return formatter(messages=messages).prompt
+    except Exception:
+        if llm._template_source != "gguf":
+            raise
+        Jinja2ChatFormatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter
+        return Jinja2ChatFormatter(CHATML_TEMPLATE, eos_token="", bos_token="")(messages=messages).prompt
+
+
+def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int], temperature: float, top_p: float,
+                           top_k: int, min_p: float, repeat_penalty: float, seed: Optional[int],
+                           stop: Union[str, List[str], None], stream: bool):
+    """Chat completion with the dict shape of llama_cpp.Llama.create_chat_completion ("chat.completion";
+    with stream=True "chat.completion.chunk" dicts: a first delta {"role": "assistant"}, then {"content"},
+    then {} with the finish_reason).
+
+    The conversation stays in the sequence: when the newly rendered prompt extends the text the sequence
+    already holds (the previous prompt plus the reply as generated), only the new part is evaluated;
+    otherwise the prompt is evaluated from scratch. The KV cache stays bounded however long the history.
+    usage.prompt_tokens counts the tokens evaluated by this call (the new part only, when reused). The
+    template is the GGUF tokenizer.chat_template, or CHATML_TEMPLATE when there is none or it fails.
+    """
+    if not messages:
+        raise InvalidInputError("messages must not be empty")
+    llm._cancel.clear()
+    prompt = render_chat(llm, list(messages))
+    data = prompt.encode("utf-8", errors="replace")
+    held = llm._text
+    if held is not None and len(data) > len(held) and data.startswith(bytes(held)):
+        tokens = llm._model.tokenize(data[len(held):], False, True)
+        fresh, text = False, data[len(held):]
+    else:
+        add_bos = not (llm._bos_text and prompt.startswith(llm._bos_text))
+        tokens = llm._model.tokenize(data, add_bos, True)
+        fresh, text = True, data
+    info: dict = {}
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                    seed=seed)
+    stops = stop_list(stop) + ["<|im_end|>"] * (llm._template_source != "gguf")
+    pieces = llm._generate(tokens, fresh, max_tokens, sampling, stops, None, text, info)
+    cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
+    _convert_completion_to_chat = llama_cpp.llama_chat_format._convert_completion_to_chat
+    if stream:
+        return _convert_completion_to_chat(completion_chunks(llm, pieces, info, cid, created), stream=True)
+    reply = "".join(pieces)
+    completion = {
+        "id": cid, "object": "text_completion", "created": created, "model": llm.model_name,
+        "choices": [{"text": reply, "index": 0, "logprobs": None, "finish_reason": info["finish_reason"]}],
+        "usage": {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
+                  "total_tokens": info["prompt_tokens"] + info["completion_tokens"]},
+    }
+    return _convert_completion_to_chat(completion, stream=False)
