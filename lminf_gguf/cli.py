@@ -17,13 +17,18 @@ import time
 from pathlib import Path
 
 from . import convert, server
+from . import __version__
 from .errors import LMInfiniteError
-from .options import (CHAT_TEMPERATURE, FLASH_CHOICES, add_model_flags, add_sampling_flags, engine_kwargs,
-                      sampling_kwargs)
+from .options import (CHAT_TEMPERATURE, FLASH_CHOICES, LLAMA_CPP_PYTHON, add_model_flags, add_sampling_flags,
+                      engine_kwargs, ignored_options, sampling_kwargs)
 
 
 def open_engine(args, mode=None, n_ctx=None, flash_attn="args"):
     from .engine import LMInfinite
+    if not getattr(args, "_warned", False):
+        for warning in ignored_options(args):
+            sys.stderr.write(f"lminf: warning: {warning}\n")
+        args._warned = True
     return LMInfinite(args.model, **engine_kwargs(args, mode, n_ctx, flash_attn))
 
 
@@ -276,6 +281,8 @@ def cmd_info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lminf", description="LM-Infinite for GGUF models: unbounded inputs, "
                                  "bounded memory.")
+    ap.add_argument("--version", action="version",
+                    version=f"lminf {__version__} (llama.cpp of llama-cpp-python {LLAMA_CPP_PYTHON}, patched)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="continue a prompt or a text file of any length")

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 from . import _lib
 from ._lib import llama_raw
 from .errors import SessionBusyError
-from .options import KV_TYPES, MODES, STORE_TYPES
+from .options import KV_TYPES, MODES, STORE_TYPES, default_threads
 
 _FLASH = {None: "LLAMA_FLASH_ATTN_TYPE_AUTO", True: "LLAMA_FLASH_ATTN_TYPE_ENABLED",
           False: "LLAMA_FLASH_ATTN_TYPE_DISABLED"}
@@ -94,7 +94,7 @@ def context_params(n_batch: int, n_ubatch: int, n_threads: Optional[int], type_k
     cparams.n_batch = n_batch
     cparams.n_ubatch = n_ubatch
     cparams.n_seq_max = 1
-    cparams.n_threads = cparams.n_threads_batch = n_threads or os.cpu_count() or 1
+    cparams.n_threads = cparams.n_threads_batch = n_threads or default_threads()
     cparams.type_k = KV_TYPES[type_k]
     cparams.type_v = KV_TYPES[type_v]
     cparams.flash_attn_type = getattr(llama_raw, _FLASH[flash_attn])

@@ -39,7 +39,7 @@ from . import context
 from .context import SessionUse, context_params, in_use, in_use_stream, new_context
 from .errors import Cancelled, ContextFullError, InvalidInputError, SessionBusyError, StateError
 from .models import Model, lminf_defaults
-from .options import CHAT_TEMPERATURE, MODES, SAMPLING, SESSION, TOPK, check_session_args
+from .options import CHAT_TEMPERATURE, MODES, SAMPLING, SESSION, TOPK, check_session_args, sampling_args
 from .responses import CHATML_TEMPLATE
 
 __all__ = ["LMInfinite", "ContextFullError", "Cancelled", "StateError", "SessionBusyError", "InvalidInputError",
@@ -55,6 +55,8 @@ class LMInfinite:
         L = the model's trained context, C = L.
     n_ctx: vanilla mode only (default: trained context).
     type_k, type_v: KV cache types ("f16", "f32", "q8_0", ...).
+    n_threads: CPU threads; default half the cores (options.default_threads: more threads than the cores other
+        work leaves free slow llama.cpp down many times).
     flash_attn: None lets llama.cpp decide (on where the backend supports it, also with the distance ceiling,
         which flash attention takes as a bias of the sink columns); forced off in "lminf-topk" mode.
         cache_info()["flash_attn"] says what was chosen.
@@ -110,7 +112,6 @@ class LMInfinite:
         self._formatter = None
         self._template_source = None
         self._bos_text = ""
-        self._model_id: Optional[str] = None
 
         cparams = context_params(n_batch, self.n_ubatch, n_threads, type_k, type_v, flash_attn)
 
@@ -341,8 +342,7 @@ class LMInfinite:
         tokens = self._prompt_tokens(prompt, fresh)
         if not tokens and fresh:
             raise InvalidInputError("empty prompt")
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                        repeat_penalty=repeat_penalty, seed=seed)
+        sampling = sampling_args(temperature, top_k, top_p, min_p, repeat_penalty, seed)
         pieces = self._generate(tokens, fresh, max_tokens, sampling, generate.stop_list(stop), progress, None, {})
         return pieces if stream else "".join(pieces)
 

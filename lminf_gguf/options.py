@@ -5,6 +5,7 @@ other). Engine, CLI and server read these; nothing here imports them."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -32,6 +33,9 @@ MODES = {m.name: m for m in (
 )}
 DEFAULT_MODE = "lminf"
 
+# the llama-cpp-python release whose vendored llama.cpp the patches apply to (llama-cpp-python.pin)
+LLAMA_CPP_PYTHON = "0.3.36"
+
 # ggml type ids (enum ggml_type in ggml.h) of the KV cache and of the top-k store
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
 STORE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}
@@ -52,6 +56,24 @@ class Sampling:
 
 
 SAMPLING = Sampling()
+
+
+def sampling_args(temperature, top_k, top_p, min_p, repeat_penalty, seed) -> dict:
+    """Sampling keywords checked (InvalidInputError names the first bad one; NaN and infinities included)."""
+    def number(name, value, low, high=None, low_open=False, integer=False):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+            raise InvalidInputError(f"{name} must be {'an integer' if integer else 'a number'}, not {value!r}")
+        if not math.isfinite(value) or (value <= low if low_open else value < low) or \
+                (high is not None and value > high):
+            bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+            raise InvalidInputError(f"{name} must be a finite number {bound}, not {value!r}")
+        return value
+
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
+        raise InvalidInputError(f"seed must be None or an integer in [0, 2^32), not {seed!r}")
+    return dict(temperature=number("temperature", temperature, 0.0), top_k=number("top_k", top_k, 0, integer=True),
+                top_p=number("top_p", top_p, 0.0, 1.0), min_p=number("min_p", min_p, 0.0, 1.0),
+                repeat_penalty=number("repeat_penalty", repeat_penalty, 0.0, low_open=True), seed=seed)
 CHAT_TEMPERATURE = 0.2
 
 
@@ -78,6 +100,13 @@ class Session:
 
 
 SESSION = Session()
+
+
+def default_threads() -> int:
+    """CPU threads when none are given: half the cores, as llama-cpp-python does. llama.cpp's threads spin-wait
+    for each other, so one more thread than the cores left free by other work slows every token down 10-100x
+    (measured: 32 tokens in 0.7 s with 1 thread, 17-21 s with 2, on a 2-core machine running something else)."""
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def mode_help() -> str:
@@ -110,7 +139,9 @@ def add_model_flags(p: argparse.ArgumentParser, several_modes: bool = False) -> 
     p.add_argument("--store-dir", help="lminf-topk: keep the store in memory-mapped files in this directory")
     p.add_argument("-b", "--batch-size", type=int, default=SESSION.n_batch,
                    help=f"tokens per llama_decode call (default {SESSION.n_batch})")
-    p.add_argument("-t", "--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("-t", "--threads", type=int,
+                   help=f"CPU threads (default: half the cores, here {default_threads()}; more than the cores other "
+                        "work leaves free slows llama.cpp down many times)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
     p.add_argument("-fa", "--flash-attn", choices=list(FLASH_CHOICES), default="auto",
                    help="flash attention (default auto: on where the backend supports the mode; lminf-topk: off)")
@@ -132,6 +163,24 @@ def sampling_kwargs(args) -> dict:
     """create_completion / generate keywords from add_sampling_flags' arguments."""
     return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                 repeat_penalty=args.repeat_penalty, seed=args.seed)
+
+
+def ignored_options(args) -> list:
+    """Warnings for flags given that the chosen mode(s) do not use (add_model_flags' arguments)."""
+    modes = args.mode if isinstance(args.mode, list) else [args.mode]
+    out = []
+    if args.ctx_size is not None and "vanilla" not in modes:
+        out.append("-c/--ctx-size is used in vanilla mode only: ignored (the cache is G + L + n_batch cells)")
+    if args.dist_max is not None and not any(MODES[m].ceiling for m in modes):
+        out.append("--dist-max is used with the distance ceiling only (lminf, lminf-topk): ignored")
+    given = (("--topk", args.topk, TOPK.k), ("--topk-layer", args.topk_layer, TOPK.layer_first),
+             ("--topk-dist", args.topk_dist, None), ("--topk-block", args.topk_block, TOPK.block),
+             ("--topk-blocks", args.topk_blocks, TOPK.n_blocks), ("--store-type", args.store_type, TOPK.store_type),
+             ("--store-dir", args.store_dir, None))
+    topk_flags = [flag for flag, value, default in given if value != default]
+    if topk_flags and not any(MODES[m].topk for m in modes):
+        out.append(f"{', '.join(topk_flags)}: used in lminf-topk mode only: ignored")
+    return out
 
 
 def engine_kwargs(args, mode: Optional[str] = None, n_ctx: Optional[int] = None, flash_attn="args") -> dict:
@@ -165,6 +214,7 @@ def check_session_args(*, mode, n_global, n_local, dist_max, n_batch, n_ubatch, 
         raise InvalidInputError(f"store_dir is not a directory: {store_dir}")
 
 
-__all__ = ["Mode", "MODES", "DEFAULT_MODE", "KV_TYPES", "STORE_TYPES", "FLASH_CHOICES", "Sampling", "SAMPLING",
-           "CHAT_TEMPERATURE", "TopK", "TOPK", "Session", "SESSION", "add_model_flags", "add_sampling_flags",
-           "sampling_kwargs", "engine_kwargs", "check_session_args"]
+__all__ = ["Mode", "MODES", "DEFAULT_MODE", "LLAMA_CPP_PYTHON", "KV_TYPES", "STORE_TYPES", "FLASH_CHOICES",
+           "Sampling", "SAMPLING", "CHAT_TEMPERATURE", "sampling_args", "TopK", "TOPK", "Session", "SESSION",
+           "default_threads", "add_model_flags", "add_sampling_flags", "sampling_kwargs", "engine_kwargs",
+           "ignored_options", "check_session_args"]

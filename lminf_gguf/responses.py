@@ -10,6 +10,7 @@ from typing import Callable, List, Optional, Sequence, Union
 from ._lib import llama_cpp, llama_raw
 from .errors import InvalidInputError
 from .generate import stop_list
+from .options import sampling_args
 
 # the fallback chat template when the GGUF file has none, or one that cannot be rendered
 CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -33,8 +34,7 @@ def create_completion(llm, prompt: Union[str, Sequence[int]], max_tokens: Option
     if not tokens and fresh:
         raise InvalidInputError("empty prompt")
     info: dict = {}
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                    seed=seed)
+    sampling = sampling_args(temperature, top_k, top_p, min_p, repeat_penalty, seed)
     pieces = llm._generate(tokens, fresh, max_tokens, sampling, stop_list(stop), progress, None, info)
     cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
     if stream:
@@ -121,8 +121,7 @@ def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int],
         tokens = llm._model.tokenize(data, add_bos, True)
         fresh, text = True, data
     info: dict = {}
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                    seed=seed)
+    sampling = sampling_args(temperature, top_k, top_p, min_p, repeat_penalty, seed)
     stops = stop_list(stop) + ["<|im_end|>"] * (llm._template_source != "gguf")
     pieces = llm._generate(tokens, fresh, max_tokens, sampling, stops, None, text, info)
     cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())

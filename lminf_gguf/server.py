@@ -47,13 +47,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator, Optional
 
 from .errors import CLIENT_ERRORS, ContextFullError
-from .options import CHAT_TEMPERATURE, SAMPLING, add_model_flags, engine_kwargs
+from .options import CHAT_TEMPERATURE, SAMPLING, add_model_flags, engine_kwargs, ignored_options
 
-__all__ = ["LMInfServer", "make_server", "add_parser", "cmd_serve", "MAX_BODY_BYTES"]
+__all__ = ["LMInfServer", "make_server", "add_parser", "cmd_serve", "MAX_BODY_BYTES", "MAX_BODIES_BYTES",
+           "MAX_TOKENS_LIMIT"]
 
 # a request body larger than this is refused with 413 (prompts of any length are the point, but not unbounded
 # memory for one request)
 MAX_BODY_BYTES = 64 << 20
+# request bodies being read at once, all connections together: parallel large bodies must not add up unbounded
+MAX_BODIES_BYTES = 128 << 20
+# default cap of max_tokens per request (lminf serve --max-tokens-limit): one request holds the model meanwhile
+MAX_TOKENS_LIMIT = 4096
 
 _ROLES = ("system", "user", "assistant", "tool", "function", "developer")
 
@@ -62,9 +67,10 @@ class RequestError(Exception):
     """An error answered to the client: HTTP status and an OpenAI-style error body."""
 
     def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 type_: Optional[str] = None):
+                 type_: Optional[str] = None, headers=()):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = list(headers)  # extra response headers (Allow on a 405, Retry-After on a 503)
         self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
 
     def body(self) -> dict:
@@ -98,6 +104,8 @@ def _number(body: dict, name: str, default, low=None, high=None, integer=False, 
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise _bad(f"'{name}' must be {kind}, not {json.dumps(value)[:40]}", name)
+    if isinstance(value, int) and not -2**63 <= value < 2**63:  # 10**400 has no float: OverflowError otherwise
+        raise _bad(f"'{name}' is out of range", name)
     if not math.isfinite(value):
         raise _bad(f"'{name}' must be finite", name)
     if low is not None and (value <= low if low_open else value < low):
@@ -107,7 +115,8 @@ def _number(body: dict, name: str, default, low=None, high=None, integer=False, 
     return int(value) if integer else float(value)
 
 
-def _sampling(body: dict, max_tokens_default: Optional[int], temperature_default: float) -> dict:
+def _sampling(body: dict, max_tokens_default: Optional[int], temperature_default: float,
+              max_tokens_limit: int = MAX_TOKENS_LIMIT) -> dict:
     """Sampling arguments shared by both endpoints, checked and converted to create_*completion keywords."""
     n = body.get("n", 1)
     if n is not None and (isinstance(n, bool) or n != 1):
@@ -130,7 +139,7 @@ def _sampling(body: dict, max_tokens_default: Optional[int], temperature_default
         raise _bad("'stop' must be a string or a list of strings", "stop")
     seed = _number(body, "seed", None, integer=True, low=-1, high=2**32 - 1)
     return dict(
-        max_tokens=_number(body, "max_tokens", max_tokens_default, low=1, integer=True),
+        max_tokens=_number(body, "max_tokens", max_tokens_default, low=1, high=max_tokens_limit, integer=True),
         temperature=_number(body, "temperature", temperature_default, low=0.0),
         top_p=_number(body, "top_p", SAMPLING.top_p, low=0.0, high=1.0),
         top_k=_number(body, "top_k", SAMPLING.top_k, low=0, integer=True),
@@ -142,7 +151,7 @@ def _sampling(body: dict, max_tokens_default: Optional[int], temperature_default
     )
 
 
-def parse_completion_request(body: dict) -> dict:
+def parse_completion_request(body: dict, max_tokens_limit: int = MAX_TOKENS_LIMIT) -> dict:
     """Keyword arguments of LMInfinite.create_completion for a /v1/completions body."""
     if "prompt" not in body:
         raise _bad("missing required field 'prompt'", "prompt")
@@ -159,7 +168,7 @@ def parse_completion_request(body: dict) -> dict:
         raise _bad("'echo' is not supported", "echo")
     if body.get("suffix"):
         raise _bad("'suffix' is not supported", "suffix")
-    return dict(prompt=prompt, **_sampling(body, 16, SAMPLING.temperature))
+    return dict(prompt=prompt, **_sampling(body, 16, SAMPLING.temperature, max_tokens_limit))
 
 
 def _content(message: dict, i: int) -> str:
@@ -181,7 +190,7 @@ def _content(message: dict, i: int) -> str:
     raise _bad(f"messages[{i}].content must be a string, a list of text parts or null", f"messages[{i}].content")
 
 
-def parse_chat_request(body: dict) -> dict:
+def parse_chat_request(body: dict, max_tokens_limit: int = MAX_TOKENS_LIMIT) -> dict:
     """Keyword arguments of LMInfinite.create_chat_completion for a /v1/chat/completions body."""
     if "messages" not in body:
         raise _bad("missing required field 'messages'", "messages")
@@ -199,7 +208,7 @@ def parse_chat_request(body: dict) -> dict:
         clean.append({"role": role, "content": _content(m, i)})
     if body.get("tools") or body.get("functions"):
         raise _bad("tools and functions are not supported", "tools")
-    return dict(messages=clean, **_sampling(body, None, CHAT_TEMPERATURE))
+    return dict(messages=clean, **_sampling(body, None, CHAT_TEMPERATURE, max_tokens_limit))
 
 
 # -- server -----------------------------------------------------------------------------------------------------
@@ -211,8 +220,11 @@ class LMInfServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, llm, host: str = "127.0.0.1", port: int = 8080, *, api_key: Optional[str] = None,
-                 model_id: Optional[str] = None, log: bool = False):
+                 model_id: Optional[str] = None, log: bool = False, max_tokens_limit: int = MAX_TOKENS_LIMIT):
         self.llm = llm
+        self.max_tokens_limit = max_tokens_limit
+        self._bodies_lock = threading.Lock()
+        self._bodies_bytes = 0  # request body bytes being read now, all connections together
         self.lock = threading.Lock()
         self.api_key = api_key or None
         path = getattr(llm, "model_path", None) or "lminf"
@@ -223,6 +235,20 @@ class LMInfServer(ThreadingHTTPServer):
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, port), _Handler)
+
+    @contextlib.contextmanager
+    def body_budget(self, n: int):
+        """Reserve n bytes of the server-wide budget for request bodies being read (503 when it is spent)."""
+        with self._bodies_lock:
+            if self._bodies_bytes + n > MAX_BODIES_BYTES:
+                raise RequestError(503, "the server is reading too many large request bodies; retry shortly",
+                                   code="busy", headers=[("Retry-After", "1")])
+            self._bodies_bytes += n
+        try:
+            yield
+        finally:
+            with self._bodies_lock:
+                self._bodies_bytes -= n
 
     @property
     def url(self) -> str:
@@ -244,9 +270,11 @@ class LMInfServer(ThreadingHTTPServer):
 
 
 def make_server(llm, host: str = "127.0.0.1", port: int = 8080, *, api_key: Optional[str] = None,
-                model_id: Optional[str] = None, log: bool = False) -> LMInfServer:
+                model_id: Optional[str] = None, log: bool = False,
+                max_tokens_limit: int = MAX_TOKENS_LIMIT) -> LMInfServer:
     """A bound server (not yet serving: call serve_forever(), e.g. in a thread); port 0 picks a free port."""
-    return LMInfServer(llm, host, port, api_key=api_key, model_id=model_id, log=log)
+    return LMInfServer(llm, host, port, api_key=api_key, model_id=model_id, log=log,
+                       max_tokens_limit=max_tokens_limit)
 
 
 class _ClientGone(Exception):
@@ -287,12 +315,13 @@ class _Handler(BaseHTTPRequestHandler):
             for k, v in extra_headers:
                 self.send_header(k, v)
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":  # a HEAD response has the headers of the answer and no body
+                self.wfile.write(data)
         except _DISCONNECTS:
             self.close_connection = True
 
     def _send_error(self, err: RequestError) -> None:
-        headers = [("WWW-Authenticate", "Bearer")] if err.status == 401 else []
+        headers = ([("WWW-Authenticate", "Bearer")] if err.status == 401 else []) + list(getattr(err, "headers", []))
         # the request body may not have been read (whole): do not reuse the connection
         self.close_connection = True
         self._send_json(err.status, err.body(), headers + [("Connection", "close")])
@@ -308,10 +337,18 @@ class _Handler(BaseHTTPRequestHandler):
             return True
 
     def _read_body(self) -> dict:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        ctype = self.headers.get("Content-Type")
+        if ctype is not None and ctype.split(";")[0].strip().lower() != "application/json":
+            # a browser sends text/plain or form bodies cross-origin without a preflight: never process them
+            raise RequestError(415, f"the request body must be application/json, not {ctype[:60]}",
+                               code="unsupported_media_type")
+        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        length = self.headers.get("Content-Length")
+        if chunked and length is not None:
+            raise _bad("a request with both Transfer-Encoding: chunked and Content-Length is ambiguous")
+        if chunked:
             raw = self._read_chunked()
         else:
-            length = self.headers.get("Content-Length")
             if length is None:
                 raise RequestError(411, "a request body with Content-Length is required", code="length_required")
             try:
@@ -322,11 +359,14 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _bad("invalid Content-Length") from None
             if n > MAX_BODY_BYTES:
                 raise RequestError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="too_large")
-            raw = self.rfile.read(n)
+            with self.server.body_budget(n):
+                raw = self.rfile.read(n)
             if len(raw) < n:
                 raise _ClientGone()
         try:
             body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        except RecursionError:
+            raise _bad("the request body is nested too deeply", code="invalid_json") from None
         except (UnicodeDecodeError, ValueError) as e:
             raise _bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(body, dict):
@@ -335,22 +375,29 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_chunked(self) -> bytes:
         out = bytearray()
-        while True:
-            line = self.rfile.readline(1024)
-            if not line:
-                raise _ClientGone()
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                raise _bad("malformed chunked request body") from None
-            if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass
-                return bytes(out)
-            if len(out) + size > MAX_BODY_BYTES:
-                raise RequestError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="too_large")
-            out += self.rfile.read(size)
-            self.rfile.readline(1024)
+        with contextlib.ExitStack() as budget:
+            while True:
+                line = self.rfile.readline(1024)
+                if not line:
+                    raise _ClientGone()
+                try:
+                    size = int(line.split(b";")[0].strip(), 16)
+                    if size < 0:  # int() takes "-1": rfile.read(-1) would read without limit
+                        raise ValueError
+                except ValueError:
+                    raise _bad("malformed chunked request body") from None
+                if size == 0:
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(out)
+                if len(out) + size > MAX_BODY_BYTES:
+                    raise RequestError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="too_large")
+                budget.enter_context(self.server.body_budget(size))
+                chunk = self.rfile.read(size)
+                if len(chunk) < size:
+                    raise _ClientGone()
+                out += chunk
+                self.rfile.readline(1024)
 
     def _authorised(self) -> bool:
         key = self.server.api_key
@@ -380,7 +427,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if route in self._GET or route in self._POST:
                     allowed = "GET" if route in self._GET else "POST"
                     raise RequestError(405, f"{method} is not allowed on {self.path}; use {allowed}",
-                                       code="method_not_allowed")
+                                       code="method_not_allowed", headers=[("Allow", allowed)])
                 raise RequestError(404, f"unknown path {self.path}", code="not_found")
             if route != "/health" and not self._authorised():
                 raise RequestError(401, "missing or incorrect API key (Authorization: Bearer ...)",
@@ -412,6 +459,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PATCH(self):  # noqa: N802
         self._dispatch("PATCH")
 
+    def do_HEAD(self):  # noqa: N802
+        self._dispatch("HEAD")
+
+    def do_OPTIONS(self):  # noqa: N802 (no CORS yet: a preflight is refused like any other method)
+        self._dispatch("OPTIONS")
+
     # -- endpoints ---------------------------------------------------------------------------------------------
 
     def _health(self) -> None:
@@ -423,11 +476,11 @@ class _Handler(BaseHTTPRequestHandler):
             {"id": s.model_id, "object": "model", "created": s.created, "owned_by": "lminf", "permissions": []}]})
 
     def _completions(self) -> None:
-        kwargs = parse_completion_request(self._read_body())
+        kwargs = parse_completion_request(self._read_body(), self.server.max_tokens_limit)
         self._run("create_completion", kwargs)
 
     def _chat(self) -> None:
-        kwargs = parse_chat_request(self._read_body())
+        kwargs = parse_chat_request(self._read_body(), self.server.max_tokens_limit)
         self._run("create_chat_completion", kwargs)
 
     def _run(self, method: str, kwargs: dict) -> None:
@@ -543,6 +596,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' (default: $LMINF_API_KEY, else no check)")
     p.add_argument("--alias", help="model id reported by the API (default: the model file name)")
     p.add_argument("--quiet", action="store_true", help="do not log requests")
+    p.add_argument("--max-tokens-limit", type=int, default=MAX_TOKENS_LIMIT,
+                   help=f"largest max_tokens a request may ask for (default {MAX_TOKENS_LIMIT}; a request holds the "
+                        "model while it generates)")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -552,10 +608,14 @@ def cmd_serve(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, not {args.port}")
+    for warning in ignored_options(args):
+        sys.stderr.write(f"lminf: warning: {warning}\n")
+    if args.max_tokens_limit < 1:
+        raise ValueError(f"--max-tokens-limit must be >= 1, not {args.max_tokens_limit}")
     llm = LMInfinite(args.model, **engine_kwargs(args))
     try:
         server = make_server(llm, args.host, args.port, api_key=args.api_key, model_id=args.alias,
-                             log=not args.quiet)
+                             log=not args.quiet, max_tokens_limit=args.max_tokens_limit)
     except OSError:
         llm.close()
         raise

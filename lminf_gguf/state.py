@@ -3,11 +3,14 @@ file and restored in any process with the same model and settings. LMInfinite.sa
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
 import os
+import stat
 import struct
+import tempfile
 from typing import Optional, Union
 
 import numpy as np
@@ -17,20 +20,44 @@ from .errors import StateError
 from .options import MODES
 
 STATE_MAGIC = b"LMINFST\x00"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the model identity hashes the whole file
+
+# a state file is read whole: anything larger than this is not one of ours (a bounded cache of a large model and
+# its logits stay far below)
+MAX_STATE_BYTES = 16 << 30
+
+_ids: dict = {}  # (path, size, mtime_ns) -> identity: each model file is hashed once per process
 
 
 def model_id(llm) -> str:
-    """Identity of the model file stored in state files: its size and a sha256 of its first and last MiB."""
-    if llm._model_id is None:
-        h = hashlib.sha256()
-        size = os.path.getsize(llm.model_path)
+    """Identity of the model file stored in state files: its size and a BLAKE2b digest of all its bytes (weights
+    included), computed once per file and process (about 1 s per GB)."""
+    st = os.stat(llm.model_path)
+    key = (os.path.realpath(llm.model_path), st.st_size, st.st_mtime_ns)
+    if key not in _ids:
+        h = hashlib.blake2b(digest_size=32)
         with open(llm.model_path, "rb") as f:
-            h.update(f.read(1 << 20))
-            f.seek(max(0, size - (1 << 20)))
-            h.update(f.read(1 << 20))
-        llm._model_id = f"{size}:{h.hexdigest()}"
-    return llm._model_id
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _ids[key] = f"{st.st_size}:{h.hexdigest()}"
+    return _ids[key]
+
+
+def _read_state_file(path: str) -> bytes:
+    """The bytes of a regular state file; StateError for anything else (a FIFO would block, /dev/zero never end)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise StateError(f"cannot read state file {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise StateError(f"{path} is not a regular file")
+    if st.st_size > MAX_STATE_BYTES:
+        raise StateError(f"{path} is {st.st_size} bytes, larger than any state file ({MAX_STATE_BYTES})")
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_STATE_BYTES + 1)
+    except OSError as e:
+        raise StateError(f"cannot read state file {path}: {e.strerror or e}") from None
 
 
 def settings(llm) -> dict:
@@ -52,6 +79,8 @@ def save_state(llm, path: Union[str, os.PathLike], extra: Optional[dict] = None)
     """
     if MODES[llm.mode].topk:
         raise StateError("save_state is not supported in lminf-topk mode: the middle-token store is not saved")
+    if os.path.isdir(path):
+        raise StateError(f"{os.fspath(path)} is a directory")
     size = llama_raw.llama_state_seq_get_size(llm.ctx, 0)
     blob = (ctypes.c_uint8 * max(size, 1))()
     n = llama_raw.llama_state_seq_get_data(llm.ctx, blob, size, 0)
@@ -75,11 +104,18 @@ def save_state(llm, path: Union[str, os.PathLike], extra: Optional[dict] = None)
                      struct.pack("<Q", len(logits)), logits, struct.pack("<Q", len(text)), text,
                      struct.pack("<Q", n), ctypes.string_at(blob, n)])
     digest = hashlib.sha256(body).digest()
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(body)
-        f.write(digest)
-    os.replace(tmp, path)
+    # a temporary file next to the target, renamed over it when complete, removed on every failure
+    target = os.path.abspath(os.fspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".tmp", dir=os.path.dirname(target))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+            f.write(digest)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return len(body) + len(digest)
 
 
@@ -90,11 +126,7 @@ def load_state(llm, path: Union[str, os.PathLike]) -> dict:
     truncated, or from another model or other settings raises StateError and leaves the session as it was.
     """
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise StateError(f"cannot read state file {path}: {e.strerror or e}") from None
+    data = _read_state_file(path)
     if not data.startswith(STATE_MAGIC):
         raise StateError(f"{path} is not an lminf_gguf state file (bad magic)")
     if len(data) < len(STATE_MAGIC) + 8 + 32:
@@ -109,6 +141,8 @@ def load_state(llm, path: Union[str, os.PathLike]) -> dict:
     try:
         off = len(STATE_MAGIC) + 8
         header = json.loads(body[off:off + hlen])
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
         off += hlen
         parts = []
         for _ in range(3):
@@ -117,7 +151,7 @@ def load_state(llm, path: Union[str, os.PathLike]) -> dict:
             off += 8 + n
         if off != len(body):
             raise ValueError("trailing bytes")
-    except (ValueError, struct.error) as e:
+    except (ValueError, struct.error, RecursionError) as e:
         raise StateError(f"{path}: malformed state file ({e})") from None
     logits, text, blob = parts
     if header.get("model_id") != model_id(llm):
@@ -127,20 +161,53 @@ def load_state(llm, path: Union[str, os.PathLike]) -> dict:
     diff = [f"{k} {header.get(k)!r} (session: {v!r})" for k, v in mine.items() if header.get(k) != v]
     if diff:
         raise StateError(f"{path} was saved with other settings: {', '.join(diff)}")
-    if not MODES[llm.mode].bounded and header["pos"] > llm._cache.n_ctx:
-        raise StateError(f"{path} holds {header['pos']} positions, more than n_ctx = {llm._cache.n_ctx}")
+    c = llm._cache
+    pos, n_seen, n_rebase = (header.get(k) for k in ("pos", "n_seen", "n_rebase"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (pos, n_seen, n_rebase)):
+        raise StateError(f"{path}: malformed state file (positions)")
+    limit = c.rebase_at if MODES[llm.mode].bounded else c.n_ctx
+    if pos > limit or n_seen < pos or n_seen >= 2**62:
+        raise StateError(f"{path} holds position {pos} of {n_seen} tokens: this session's cache takes positions up "
+                         f"to {limit}")
     if len(logits) != (4 * llm.n_vocab if header.get("has_logits") else 0):
         raise StateError(f"{path}: malformed state file (logits size)")
+    if not isinstance(header.get("extra", {}), dict):
+        raise StateError(f"{path}: malformed state file (extra is not an object)")
 
-    llm.reset()
-    if blob:
-        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-        if llama_raw.llama_state_seq_set_data(llm.ctx, buf, len(blob), 0) == 0:
-            llm.reset()
-            raise StateError(f"{path}: llama.cpp refused the saved cache; the session was reset to an "
-                             "empty sequence")
-    c = llm._cache
-    c.pos, c.n_seen, c.n_rebase = int(header["pos"]), int(header["n_seen"]), int(header["n_rebase"])
+    # the session is touched only if the whole file is accepted: its own sequence is kept to be put back
+    backup = _sequence(llm)
+    try:
+        _restore(llm, blob, pos)
+    except StateError as e:
+        _restore(llm, backup[0])
+        c.pos, c.n_seen, c.n_rebase, llm._last, llm._text = backup[1:]
+        raise StateError(f"{path}: {e}; the session is as it was") from None
+    c.pos, c.n_seen, c.n_rebase = pos, n_seen, n_rebase
     llm._last = np.frombuffer(logits, dtype="<f4").astype(np.float32) if logits else None
     llm._text = bytearray(text) if header.get("has_text") else None
     return header.get("extra") or {}
+
+
+def _sequence(llm) -> tuple:
+    """The live sequence: (llama.cpp's blob, pos, n_seen, n_rebase, last logits, text)."""
+    size = llama_raw.llama_state_seq_get_size(llm.ctx, 0)
+    buf = (ctypes.c_uint8 * max(size, 1))()
+    n = llama_raw.llama_state_seq_get_data(llm.ctx, buf, size, 0)
+    c = llm._cache
+    return ctypes.string_at(buf, n), c.pos, c.n_seen, c.n_rebase, llm._last, llm._text
+
+
+def _restore(llm, blob: bytes, pos: Optional[int] = None) -> None:
+    """Put a blob into the (cleared) sequence; StateError when llama.cpp refuses it or it does not end at pos."""
+    llama_raw.llama_memory_clear(llama_raw.llama_get_memory(llm.ctx), True)
+    if blob:
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        if llama_raw.llama_state_seq_set_data(llm.ctx, buf, len(blob), 0) == 0:
+            llama_raw.llama_memory_clear(llama_raw.llama_get_memory(llm.ctx), True)
+            raise StateError("llama.cpp refused the saved cache")
+    if pos is None:
+        return
+    last = llama_raw.llama_memory_seq_pos_max(llama_raw.llama_get_memory(llm.ctx), 0)
+    if (last + 1 if blob and last >= 0 else 0) != pos:
+        llama_raw.llama_memory_clear(llama_raw.llama_get_memory(llm.ctx), True)
+        raise StateError(f"the saved cache ends at position {last + 1}, the header says {pos}")

@@ -259,7 +259,7 @@ def test_fake_bad_requests(fake):
     assert_error(*srv.json("POST", "/v2/completions", {"prompt": "a"}), 404)
     assert_error(*srv.json("GET", "/v1/completions"), 405)
     assert_error(*srv.json("POST", "/v1/models", {}), 405)
-    assert_error(*srv.json("OPTIONS", "/v1/models"), 501)  # http.server's own errors are JSON too
+    assert_error(*srv.json("OPTIONS", "/v1/models"), 405)  # no CORS: a preflight is refused, with Allow
     # the engine's InvalidInputError is the client's fault, also when streaming (before any byte is sent)
     assert_error(*srv.json("POST", "/v1/completions", {"prompt": "explode"}), 400)
     assert_error(*srv.json("POST", "/v1/completions", {"prompt": "explode", "stream": True}), 400)
@@ -282,7 +282,7 @@ def test_fake_error_mid_stream_is_reported_in_the_stream(fake):
 
 def test_fake_disconnect_stops_generation_and_frees_the_lock():
     llm = FakeLLM(delay=0.01)
-    srv = Running(llm)
+    srv = Running(llm, max_tokens_limit=10 ** 6)  # an operator may allow long replies
     try:
         # an endless stream: only the disconnect can stop it
         srv.disconnect_mid_stream("/v1/completions", {"prompt": "a", "max_tokens": 10 ** 6, "stream": True})
@@ -299,7 +299,7 @@ def test_fake_disconnect_stops_generation_and_frees_the_lock():
 
 def test_fake_disconnect_cancels_a_non_streamed_request():
     llm = FakeLLM(delay=0.01)
-    srv = Running(llm)
+    srv = Running(llm, max_tokens_limit=10 ** 6)  # an operator may allow long replies
     try:
         sock = socket.create_connection((srv.host, srv.port), timeout=60)
         data = json.dumps({"prompt": "a", "max_tokens": 10 ** 6}).encode()
@@ -523,3 +523,68 @@ def test_load_eight_streaming_clients_with_disconnects():
     finally:
         srv.stop()
         llm.close()
+
+
+def _raw(srv, head: bytes, body: bytes = b"", timeout=10) -> bytes:
+    """Send a raw request, return the raw response (until the server closes or 64 KB)."""
+    sock = socket.create_connection((srv.host, srv.port), timeout=timeout)
+    sock.sendall(head + body)
+    got = b""
+    try:
+        while len(got) < 65536:
+            part = sock.recv(65536)
+            if not part:
+                break
+            got += part
+            if b"\r\n\r\n" in got:
+                hdr, _, rest = got.partition(b"\r\n\r\n")
+                n = next((int(ln.split(b":")[1]) for ln in hdr.split(b"\r\n") if ln.lower().startswith(b"content-length:")), None)
+                if n is not None and len(rest) >= n:
+                    break
+    finally:
+        sock.close()
+    return got
+
+
+def test_fake_hostile_bodies_get_a_4xx_not_a_hang_or_a_500(fake):
+    """Issue 16's attacks on the body reader: each is answered at once with a client error."""
+    srv, llm = fake
+    status_of = lambda raw: int(raw.split(b" ", 2)[1])  # noqa: E731
+    # a negative chunk size used to become rfile.read(-1): a read without limit
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert status_of(_raw(srv, head, b"-1\r\n")) == 400
+    # chunked and Content-Length together: the server used to wait for the client to give up
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\nContent-Length: 10\r\n\r\n")
+    assert status_of(_raw(srv, head, b"5\r\n{\"a\":\r\n")) == 400
+    # a cross-origin "simple" POST (text/plain) is never processed
+    status, ctype, text = srv.request("POST", "/v1/completions", {"prompt": "hi"}, headers={"Content-Type": "text/plain"})
+    assert status == 415 and json.loads(text)["error"]["code"] == "unsupported_media_type"
+    # 100k-deep JSON (RecursionError) and an integer without a float (OverflowError) used to give 500
+    deep = b"[" * 100000 + b"]" * 100000
+    assert_error(*srv.json("POST", "/v1/completions", raw=deep), 400)
+    assert_error(*srv.json("POST", "/v1/completions", raw=b'{"prompt": "a", "temperature": 1' + b"0" * 400 + b"}"), 400)
+    assert_error(*srv.json("POST", "/v1/completions", {"prompt": "a", "max_tokens": 2 ** 63}), 400)
+    assert llm.calls == []
+
+
+def test_fake_max_tokens_is_capped(fake):
+    srv, llm = fake
+    limit = srv.server.max_tokens_limit
+    status, body = srv.json("POST", "/v1/completions", {"prompt": "a", "max_tokens": limit + 1})
+    assert_error(status, body, 400)
+    assert body["error"]["param"] == "max_tokens" and str(limit) in body["error"]["message"]
+    assert srv.json("POST", "/v1/completions", {"prompt": "a", "max_tokens": 3})[0] == 200
+
+
+def test_fake_head_and_options_get_405_with_allow_and_no_body(fake):
+    srv, _ = fake
+    for method, path, allowed in (("HEAD", "/v1/models", "GET"), ("OPTIONS", "/v1/completions", "POST"),
+                                  ("HEAD", "/v1/chat/completions", "POST")):
+        raw = _raw(srv, f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head, _, body = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        assert lines[0].split(b" ")[1] == b"405", raw
+        assert f"Allow: {allowed}".encode() in lines
+        if method == "HEAD":
+            assert body == b""
