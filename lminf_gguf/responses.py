@@ -112,13 +112,14 @@ def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int],
     llm._cancel.clear()
     prompt = render_chat(llm, list(messages))
     data = prompt.encode("utf-8", errors="replace")
+    spans = content_spans(data, messages)
     held = llm._text
     if held is not None and len(data) > len(held) and data.startswith(bytes(held)):
-        tokens = llm._model.tokenize(data[len(held):], False, True)
+        tokens = tokenize_chat(llm, data, len(held), spans, False)
         fresh, text = False, data[len(held):]
     else:
         add_bos = not (llm._bos_text and prompt.startswith(llm._bos_text))
-        tokens = llm._model.tokenize(data, add_bos, True)
+        tokens = tokenize_chat(llm, data, 0, spans, add_bos)
         fresh, text = True, data
     info: dict = {}
     sampling = sampling_args(temperature, top_k, top_p, min_p, repeat_penalty, seed)
@@ -136,3 +137,39 @@ def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int],
                   "total_tokens": info["prompt_tokens"] + info["completion_tokens"]},
     }
     return _convert_completion_to_chat(completion, stream=False)
+
+
+def content_spans(data: bytes, messages) -> list:
+    """Byte spans of the rendered prompt that hold the messages' contents, found in order (a template that trims
+    a content is matched on the trimmed text). A content is the caller's text: special-token text in it must
+    stay text, or a user could close the turn and speak for the assistant."""
+    spans, cursor = [], 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, str):
+            continue
+        for candidate in (content, content.strip()):
+            needle = candidate.encode("utf-8", errors="replace")
+            at = data.find(needle, cursor) if needle else -1
+            if at >= 0:
+                spans.append((at, at + len(needle)))
+                cursor = at + len(needle)
+                break
+    return spans
+
+
+def tokenize_chat(llm, data: bytes, start: int, spans, add_bos: bool) -> list:
+    """Tokens of data[start:]: special tokens parsed in the template's own text, never inside a content span."""
+    tokens: list = []
+    pos = start
+    for a, b in spans:
+        if b <= start:
+            continue
+        a = max(a, start)
+        if a > pos:
+            tokens += llm._model.tokenize(data[pos:a], add_bos and not tokens and pos == start, True)
+        tokens += llm._model.tokenize(data[a:b], add_bos and not tokens and a == start, False)
+        pos = b
+    if pos < len(data) or not tokens:
+        tokens += llm._model.tokenize(data[pos:], add_bos and not tokens, True)
+    return tokens

@@ -151,7 +151,7 @@ def load_state(llm, path: Union[str, os.PathLike]) -> dict:
             off += 8 + n
         if off != len(body):
             raise ValueError("trailing bytes")
-    except (ValueError, struct.error, RecursionError) as e:
+    except (ValueError, struct.error, RecursionError, OverflowError) as e:
         raise StateError(f"{path}: malformed state file ({e})") from None
     logits, text, blob = parts
     if header.get("model_id") != model_id(llm):
@@ -171,6 +171,8 @@ def load_state(llm, path: Union[str, os.PathLike]) -> dict:
                          f"to {limit}")
     if len(logits) != (4 * llm.n_vocab if header.get("has_logits") else 0):
         raise StateError(f"{path}: malformed state file (logits size)")
+    if logits and not np.isfinite(np.frombuffer(logits, dtype="<f4")).all():
+        raise StateError(f"{path}: malformed state file (logits that are not finite)")
     if not isinstance(header.get("extra", {}), dict):
         raise StateError(f"{path}: malformed state file (extra is not an object)")
 

@@ -24,6 +24,8 @@ import os
 import struct
 from typing import Dict
 
+from .errors import InvalidInputError
+
 __all__ = ["check_model_file", "read_kv"]
 
 LLAMA_MAX_LAYERS = 512
@@ -163,7 +165,7 @@ def guard_tokenize(tokenize, missing: frozenset, path: str):
     def checked(text: bytes, *args, **kw):
         if len(bytes(text).translate(table, bad)) != len(text):
             b = next(c for c in bytes(text) if c in missing)
-            raise ValueError(f"the vocabulary of {os.path.basename(path)} has no token for byte 0x{b:02X} (no "
+            raise InvalidInputError(f"the vocabulary of {os.path.basename(path)} has no token for byte 0x{b:02X} (no "
                              "byte-fallback tokens); this text cannot be tokenised with it")
         return tokenize(text, *args, **kw)
     return checked

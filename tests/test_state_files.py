@@ -176,3 +176,22 @@ def test_the_model_identity_covers_the_weights(tmp_path):
         llm2.load_state(state)
     llm3 = open_exact(path, "lminf", n_global=4, n_local=16, n_batch=7)  # the original model still takes it
     llm3.load_state(state)
+
+
+def test_fuzzed_state_files_slice(tmp_path):
+    """A seeded slice of scripts/fuzz_state.py: no crash, hang, other exception or changed session on refusal
+    (`python scripts/fuzz_state.py 5000` is the long run, docs/RELIABILITY.md)."""
+    import importlib.util
+    from collections import Counter
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "fuzz_state", Path(__file__).resolve().parents[1] / "scripts" / "fuzz_state.py")
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    model, cases = fuzz.make_cases(str(tmp_path), 250, seed=11)
+    results = fuzz.run_files(model, [p for p, _ in cases], timeout=30)
+    counts = Counter(r["outcome"] for r in results)
+    assert results[0]["outcome"] == "accepted"          # the unchanged file loads
+    assert not [r for r in results if r["outcome"] in fuzz.FAILURES], counts
+    assert counts["refused"] >= 0.6 * len(cases), counts
