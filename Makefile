@@ -36,7 +36,7 @@ ccache:
 # llama-cpp-python's Python layer only (its native build is switched off), from the pinned, verified sdist, unless
 # a working one is there; its library-less lib/ then gets a copy of the patched library (scripts/llama_cpp_lib.py)
 install: $(PY) ccache
-	$(PIP) install --quiet "scikit-build-core>=0.10" cmake ninja numpy typing-extensions diskcache jinja2
+	$(PIP) install --quiet "scikit-build-core>=0.10" cmake ninja numpy typing-extensions diskcache jinja2 "tqdm>=4.60"
 	@if $(PY) scripts/llama_cpp_lib.py working; then echo "llama-cpp-python 0.3.36 already works here: kept"; \
 	else CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PIP) install --quiet --no-deps \
 		"$$($(PY) scripts/prepare_source.py --sdist)"; fi

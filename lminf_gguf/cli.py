@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,33 +34,29 @@ def open_engine(args, mode=None, n_ctx=None, flash_attn="args"):
 
 
 class _Progress:
-    """One stderr line with tokens/s and ETA, redrawn per batch (only on a terminal)."""
+    """A tqdm bar of tokens on stderr (the total estimated from the share of the input consumed), redrawn per
+    batch on a terminal; elsewhere one summary line at the end."""
 
     def __init__(self, label: str):
-        self.label, self.t0 = label, time.perf_counter()
-        self.enabled = sys.stderr.isatty()
+        from tqdm import tqdm
 
-    def update(self, done: int, total: int) -> None:
-        """done of total tokens."""
-        self.update_fraction(done, done / total if total else 1.0, f"{done}/{total} tokens")
+        self.label, self.t0, self.done = label, time.perf_counter(), 0
+        self.bar = tqdm(desc=label, unit="tok", total=None, file=sys.stderr, disable=not sys.stderr.isatty(),
+                        dynamic_ncols=True, leave=True)
 
-    def update_fraction(self, done: int, fraction, what: str = "") -> None:
-        """done tokens, fraction of the input read (None: unknown)."""
-        if not self.enabled:
-            return
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        rate = done / elapsed
+    def update_fraction(self, done: int, fraction) -> None:
+        """done tokens, fraction of the input consumed (None: unknown)."""
         if fraction:
-            eta = f", ETA {elapsed * (1 - fraction) / fraction:.0f} s"
-            what = what or f"{done} tokens, {100 * fraction:.0f}%"
-        else:
-            eta, what = "", what or f"{done} tokens"
-        sys.stderr.write(f"\r{self.label}: {what}, {rate:.0f} tok/s{eta}\033[K")
-        sys.stderr.flush()
+            self.bar.total = max(done, round(done / fraction))
+        self.bar.update(done - self.done)
+        self.done = done
 
     def finish(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+        self.bar.close()
+        if self.bar.disable and self.done:
+            elapsed = max(time.perf_counter() - self.t0, 1e-9)
+            sys.stderr.write(f"{self.label}: {self.done} tokens in {elapsed:.1f} s ({self.done / elapsed:.0f} "
+                             "tokens/s)\n")
             sys.stderr.flush()
 
 
@@ -337,8 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
+def _terminate(signum, frame):
+    # SIGTERM as an exception: the temporary files of a write in progress are removed on the way out
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -23,10 +23,11 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
+
+from .files import temp_next_to
 
 __all__ = ["convert", "quantize", "set_metadata", "describe", "print_info", "add_parsers", "converter_dir",
            "LMINF_KEYS", "OUTTYPES", "QUANTS"]
@@ -114,10 +115,9 @@ class _TempOutput:
         if not parent.is_dir():
             raise NotADirectoryError(f"cannot write {out}: {parent} is not a directory")
         try:
-            fd, name = tempfile.mkstemp(prefix=f".lminf-{tag}", suffix=".tmp", dir=parent)
+            name = temp_next_to(out, tag or "out")
         except OSError as e:
             raise OSError(f"cannot write {out}: {e.strerror or e}") from None
-        os.close(fd)
         self.out, self.path = out, Path(name)
 
     def commit(self) -> None:
@@ -519,6 +519,8 @@ def describe(path: PathLike) -> Dict[str, Any]:
         except ValueError:
             pass
     reason = _support(arch, kv)
+    if reason is None and not reader.tensors:
+        reason = "the file has no tensors (a vocabulary-only GGUF): there is no model to run"
     return {
         "path": str(path),
         "architecture": arch,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, List, Sequence
+from typing import Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -81,17 +81,35 @@ def nll_rows(rows: np.ndarray, targets: Sequence[int]) -> np.ndarray:
     return out
 
 
+class _Consumed:
+    """The fraction of an input consumed so far: the fraction of the file read (chunks are read ahead, a whole
+    small file at once) scaled by the share of the tokens read so far that have been evaluated."""
+
+    def __init__(self, blocks, fraction):
+        self.fraction, self.seen = fraction, 0
+        self.blocks = self._count(blocks)
+
+    def _count(self, blocks):
+        for block in blocks:
+            self.seen += len(block)
+            yield block
+
+    def __call__(self, done: int) -> Optional[float]:
+        read = self.fraction() if self.fraction else None
+        return None if read is None or not self.seen else read * min(1.0, done / self.seen)
+
+
 def feed(llm, blocks, fraction, progress) -> int:
     """Evaluate blocks of ids in batches, no logits kept (LMInfinite.feed); the tokens fed."""
-    done = 0
-    for batch in batches(blocks, llm.n_batch):
+    done, consumed = 0, _Consumed(blocks, fraction)
+    for batch in batches(consumed.blocks, llm.n_batch):
         if llm._cancel.is_set():
             raise Cancelled(f"feed cancelled after {done} tokens")
         llm._text = None
         llm._decode(batch, all_logits=False)
         done += len(batch)
         if progress:
-            progress(done, fraction() if fraction else None)
+            progress(done, consumed(done))
     return done
 
 
@@ -99,8 +117,8 @@ def nll_stream(llm, blocks, fraction, progress) -> Iterator[np.ndarray]:
     """The NLL of each token after the first, a float64 array per batch, for a fresh sequence (LMInfinite.nll)."""
     llm.reset()
     prev = None      # logits row of the last position of the previous batch
-    done = 0
-    for batch in batches(blocks, llm.n_batch):
+    done, consumed = 0, _Consumed(blocks, fraction)
+    for batch in batches(consumed.blocks, llm.n_batch):
         if llm._cancel.is_set():
             raise Cancelled(f"nll cancelled after {done} tokens")
         rows = llm._decode(batch, all_logits=True)
@@ -112,6 +130,6 @@ def nll_stream(llm, blocks, fraction, progress) -> Iterator[np.ndarray]:
         if len(out):
             yield out
         if progress:
-            progress(done, fraction() if fraction else None)
+            progress(done, consumed(done))
     if done < 2:
         raise InvalidInputError("nll needs at least two tokens")

@@ -10,13 +10,14 @@ import json
 import os
 import stat
 import struct
-import tempfile
+from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 
 from ._lib import llama_raw
 from .errors import StateError
+from .files import temp_next_to
 from .options import MODES
 
 STATE_MAGIC = b"LMINFST\x00"
@@ -106,9 +107,9 @@ def save_state(llm, path: Union[str, os.PathLike], extra: Optional[dict] = None)
     digest = hashlib.sha256(body).digest()
     # a temporary file next to the target, renamed over it when complete, removed on every failure
     target = os.path.abspath(os.fspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".tmp", dir=os.path.dirname(target))
+    tmp = temp_next_to(Path(target), "state")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(body)
             f.write(digest)
         os.replace(tmp, target)

@@ -178,14 +178,14 @@ def health(port: int) -> bool:
     return send(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", 10) == "2xx"
 
 
-def run(n: int, seed: int, timeout: float, log=print):
+def run(n: int, seed: int, timeout: float, log=print, model=None):
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_models import write_tiny_llama
 
     rng = random.Random(seed)
     results = []
     with tempfile.TemporaryDirectory(prefix="fuzz_server_") as root:
-        model = write_tiny_llama(os.path.join(root, "model.gguf"), seed=seed + 1)
+        model = model or write_tiny_llama(os.path.join(root, "model.gguf"), seed=seed + 1)
         server = Server(model)
         try:
             for i in range(n):
@@ -211,9 +211,12 @@ def main(argv=None) -> int:
     ap.add_argument("n", type=int, nargs="?", default=1000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds a request may take before it is a hang")
+    ap.add_argument("--model", help="a GGUF model to serve (default: a tiny random one, which tokenises little "
+                    "text; the offline default model exercises generation: python -c 'import lminf_gguf; "
+                    "print(lminf_gguf.default_model_path())')")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    results = run(args.n, args.seed, args.timeout, log=lambda s: print(s, file=sys.stderr))
+    results = run(args.n, args.seed, args.timeout, log=lambda s: print(s, file=sys.stderr), model=args.model)
     counts = Counter(o for _, o in results)
     print(f"{len(results)} requests: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     bad = [(name, o) for name, o in results if o in FAILURES]

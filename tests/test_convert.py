@@ -408,3 +408,46 @@ def test_converter_is_found():
     assert (tree / "convert_hf_to_gguf.py").is_file() and (tree / "gguf-py" / "gguf" / "gguf_writer.py").is_file()
     if not os.environ.get("LMINF_CONVERTER_DIR") and "site-packages" in cv.__file__:
         assert tree == Path(cv.__file__).resolve().parent / "_convert"  # shipped with the install
+
+
+def test_info_of_a_vocabulary_only_file(f32_gguf, tmp_path, capsys):
+    """A GGUF with metadata and no tensors (llama.cpp's vocab-only files) cannot run: info says so."""
+    import gguf
+
+    r = gguf.GGUFReader(f32_gguf)
+    w = gguf.GGUFWriter(str(tmp_path / "vocab.gguf"), "llama")
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        w.add_key_value(name, f.contents(), f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY
+                        else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cv.print_info(str(tmp_path / "vocab.gguf"))
+    out = capsys.readouterr().out
+    assert "LM-Infinite:      not supported" in out and "no tensors" in out
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_writer(f32_gguf, tmp_path):
+    """SIGKILL leaves no chance to clean up: the temporary file carries its process id, and the next write in the
+    same directory removes it once that process is gone (a ~98 MB hidden file after a killed `meta --set`)."""
+    import subprocess
+    import sys
+
+    from lminf_gguf.files import temp_next_to
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".lminf-meta-p{dead.pid}-x1.tmp"
+    stale.write_bytes(b"partial")
+    alive = tmp_path / f".lminf-meta-p{os.getppid()}-x2.tmp"   # a writer that still runs: left alone
+    alive.write_bytes(b"in progress")
+    out = tmp_path / "model.gguf"
+    shutil.copy(f32_gguf, out)
+    cv.set_metadata(out, {"lminf.n_local": 64})
+    assert not stale.exists() and alive.exists()
+    t = temp_next_to(out, "state")
+    assert t.parent == tmp_path and f"-p{os.getpid()}-" in t.name
+    t.unlink()

@@ -85,6 +85,38 @@ def test_cli_generate_from_file(tmp_path):
     assert len(res.stdout.strip()) > 0
 
 
+def test_progress_of_a_small_file_counts_tokens_consumed(tmp_path):
+    """The whole of a small file is read at once; the progress must still follow the tokens evaluated (it used to
+    read 100 % from the first batch)."""
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT * 8)
+    seen = []
+    n = _open("lminf", n_local=256, n_batch=32).feed(book, progress=lambda done, frac: seen.append((done, frac)))
+    fractions = [f for _, f in seen]
+    assert len(seen) == -(-n // 32) and seen[-1][0] == n
+    assert fractions[0] < 0.2 and fractions[-1] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(fractions, fractions[1:]))
+
+
+def test_cli_progress_summary_when_stderr_is_not_a_terminal(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT * 30)
+    res = _lminf("generate", "-f", str(book), "-n", "2", "--temp", "0", "--n-local", "256", "-t", "2")
+    assert res.returncode == 0, res.stderr
+    assert "prompt: " in res.stderr and " tokens in " in res.stderr and "tokens/s" in res.stderr
+
+
+def test_cli_warns_about_ignored_flags():
+    res = _lminf("generate", "-p", "Hello", "-n", "1", "-c", "512", "--topk", "3", "-t", "1", "--n-local", "64")
+    assert res.returncode == 0, res.stderr
+    assert "-c/--ctx-size" in res.stderr and "--topk" in res.stderr and "ignored" in res.stderr
+
+
+def test_cli_version():
+    res = _lminf("--version")
+    assert res.returncode == 0 and res.stdout.startswith("lminf ") and "0.3.36" in res.stdout
+
+
 def test_cli_info():
     res = _lminf("info")
     assert res.returncode == 0, res.stderr
