@@ -70,7 +70,7 @@ class SessionUse:
 
 def in_use(method):
     """Run a method that touches the context or the model as a use of the session. Public entry points only: the
-    private helpers they call (_decode, _piece) run inside their use."""
+    private helpers they call (_decode, inputs.piece) run inside their use."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._use(self.verbose):
@@ -125,3 +125,28 @@ def topk_params(k: int, layer_first: int, dist: int, store_type: str, seg_rows: 
     params.block, params.n_blocks = block, n_blocks
     params.dir = os.fsencode(store_dir) if store_dir is not None else None
     return params
+
+
+def session_info(llm) -> dict:
+    """KV cells allocated and in use, the cells bound, and where the stream stands."""
+    size, used = llm._cache.cells()
+    bounded = MODES[llm.mode].bounded
+    info = {
+        "mode": llm.mode,
+        "n_global": llm.n_global,
+        "n_local": llm.n_local,
+        "dist_max": llm.dist_max if MODES[llm.mode].ceiling else None,
+        "cells_total": size,
+        "cells_used": used,
+        "cells_bound": llm.n_global + llm.n_local + llm.n_ubatch if bounded else llm._cache.n_ctx,
+        "n_tokens": llm._cache.n_seen,
+        "position": llm._cache.pos,
+        "rebases": llm._cache.n_rebase,
+        "shifts": llm._cache.n_shift,
+        "flash_attn": bool(_lib.llama_lminf_flash_attn(llm.ctx)),
+    }
+    if MODES[llm.mode].topk:
+        info.update(store_rows=int(_lib.llama_lminf_topk_store_rows(llm.ctx)),
+                    store_bytes=int(_lib.llama_lminf_topk_store_bytes(llm.ctx)),
+                    store_bytes_per_token=int(_lib.llama_lminf_topk_row_bytes(llm.ctx)))
+    return info

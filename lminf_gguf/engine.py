@@ -25,7 +25,6 @@ call cancels it and frees the context when it returns (or when its stream is clo
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
@@ -185,15 +184,6 @@ class LMInfinite:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._model.detokenize(inputs.token_ids(self.n_vocab, tokens)).decode("utf-8", errors="replace")
 
-    def _piece(self, token: int) -> bytes:
-        # llama-cpp-python's LlamaModel.token_to_piece returns its whole buffer, NUL padding included
-        buf = ctypes.create_string_buffer(64)
-        n = llama_raw.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_raw.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, False)
-        return buf.raw[:n]
-
     # -- evaluation -------------------------------------------------------------------------------------------
 
     @in_use
@@ -297,27 +287,7 @@ class LMInfinite:
     @in_use
     def cache_info(self) -> dict:
         """KV cells allocated and in use, the cells bound, and where the stream stands."""
-        size, used = self._cache.cells()
-        bounded = MODES[self.mode].bounded
-        info = {
-            "mode": self.mode,
-            "n_global": self.n_global,
-            "n_local": self.n_local,
-            "dist_max": self.dist_max if MODES[self.mode].ceiling else None,
-            "cells_total": size,
-            "cells_used": used,
-            "cells_bound": self.n_global + self.n_local + self.n_ubatch if bounded else self._cache.n_ctx,
-            "n_tokens": self._cache.n_seen,
-            "position": self._cache.pos,
-            "rebases": self._cache.n_rebase,
-            "shifts": self._cache.n_shift,
-            "flash_attn": bool(_lib.llama_lminf_flash_attn(self.ctx)),
-        }
-        if MODES[self.mode].topk:
-            info.update(store_rows=int(_lib.llama_lminf_topk_store_rows(self.ctx)),
-                        store_bytes=int(_lib.llama_lminf_topk_store_bytes(self.ctx)),
-                        store_bytes_per_token=self.topk_store_bytes_per_token())
-        return info
+        return context.session_info(self)
 
     @in_use
     def topk_store_bytes_per_token(self) -> int:

@@ -7,6 +7,7 @@ import codecs
 import ctypes
 from typing import Iterator, Optional
 
+from . import inputs
 from ._lib import llama_cpp, llama_raw
 from .errors import InvalidInputError
 from .options import MODES
@@ -73,7 +74,7 @@ def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[by
                 break
             llama_raw.llama_sampler_accept(sampler.sampler, tok)
             info["completion_tokens"] += 1
-            piece = llm._piece(tok)
+            piece = inputs.piece(llm, tok)
             generated += decoder.decode(piece)
             if stops:
                 hits = [i for i in (generated.find(s, max(0, emitted - len(s))) for s in stops) if i >= 0]

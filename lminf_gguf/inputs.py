@@ -4,12 +4,14 @@ into batches; and the negative log-likelihood of the rows of logits."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from ._lib import llama_raw
 from .errors import Cancelled, InvalidInputError, InvalidTypeError
 from .text import FileChunks, iter_token_blocks
 
@@ -133,3 +135,14 @@ def nll_stream(llm, blocks, fraction, progress) -> Iterator[np.ndarray]:
             progress(done, consumed(done))
     if done < 2:
         raise InvalidInputError("nll needs at least two tokens")
+
+
+def piece(llm, token: int) -> bytes:
+    """The bytes of one token (llama.cpp's token_to_piece, no special-token rendering)."""
+    # llama-cpp-python's LlamaModel.token_to_piece returns its whole buffer, NUL padding included
+    buf = ctypes.create_string_buffer(64)
+    n = llama_raw.llama_token_to_piece(llm._model.vocab, token, buf, len(buf), 0, False)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_raw.llama_token_to_piece(llm._model.vocab, token, buf, len(buf), 0, False)
+    return buf.raw[:n]

@@ -7,6 +7,7 @@ import time
 import uuid
 from typing import Callable, List, Optional, Sequence, Union
 
+from . import inputs
 from ._lib import llama_cpp, llama_raw
 from .errors import InvalidInputError
 from .generate import stop_list
@@ -65,7 +66,7 @@ def chat_formatter(llm):
         vocab = llm._model.vocab
 
         def tok_text(tok):
-            return llm._piece(tok).decode("utf-8", errors="replace") if tok >= 0 else ""
+            return inputs.piece(llm, tok).decode("utf-8", errors="replace") if tok >= 0 else ""
 
         bos, eos = tok_text(llama_raw.llama_vocab_bos(vocab)), tok_text(llama_raw.llama_vocab_eos(vocab))
         template = llm.metadata.get("tokenizer.chat_template")

@@ -88,7 +88,8 @@ def _rewrite(base: str, dst: str, *, arch=None, drop=(), set_kv=None, drop_tenso
             w.add_key_value(name, f.contents(), vtype)
     for name, (value, vtype) in (set_kv or {}).items():
         if vtype == gguf.GGUFValueType.ARRAY:
-            item = gguf.GGUFValueType.STRING if value and isinstance(value[0], str) else gguf.GGUFValueType.INT32
+            item = (gguf.GGUFValueType.STRING if value and isinstance(value[0], str) else
+                    gguf.GGUFValueType.FLOAT32 if value and isinstance(value[0], float) else gguf.GGUFValueType.INT32)
             w.add_key_value(name, value, vtype, sub_type=item)
         else:
             w.add_key_value(name, value, vtype)
@@ -170,6 +171,12 @@ def semantic_cases(base: str):
     cases.append(("token_type too short", dict(set_kv={"tokenizer.ggml.token_type": ([1] * 10, V.ARRAY)})))
     cases.append(("token_type negative", dict(set_kv={"tokenizer.ggml.token_type": ([-5] * 96, V.ARRAY)})))
     cases.append(("token text repeated", dict(set_kv={"tokenizer.ggml.tokens": (repeated_token_text(base), V.ARRAY)})))
+    # a vocabulary of one token (and of none): arrays and sizes agree, the model's embedding does not
+    for n in (1,):  # (the gguf writer refuses empty arrays: a vocabulary of none is among the byte cases' counts)
+        cases.append((f"vocabulary of {n}", dict(set_kv={"tokenizer.ggml.tokens": (["a"] * n, V.ARRAY),
+                                                          "tokenizer.ggml.scores": ([0.0] * n, V.ARRAY),
+                                                          "tokenizer.ggml.token_type": ([1] * n, V.ARRAY),
+                                                          "llama.vocab_size": (n, V.UINT32)})))
     for t in ["token_embd.weight", "output.weight", "blk.0.attn_q.weight", "blk.1.ffn_down.weight",
               "output_norm.weight", "blk.0.attn_norm.weight"]:
         cases.append((f"drop tensor {t}", dict(drop_tensors=(t,))))

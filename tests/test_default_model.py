@@ -112,6 +112,15 @@ def test_cli_warns_about_ignored_flags():
     assert "-c/--ctx-size" in res.stderr and "--topk" in res.stderr and "ignored" in res.stderr
 
 
+def test_cli_help_shows_every_default():
+    res = _lminf("generate", "--help")
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())
+    for flag, default in (("--top-k", "40"), ("--top-p", "0.95"), ("--min-p", "0.05"), ("--repeat-penalty", "1.0"),
+                          ("--batch-size", "512"), ("--temp", "0.8"), ("--flash-attn", "auto")):
+        assert flag in text and f"default {default}" in text, (flag, default)
+
+
 def test_cli_version():
     res = _lminf("--version")
     assert res.returncode == 0 and res.stdout.startswith("lminf ") and "0.3.36" in res.stdout

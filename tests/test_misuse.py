@@ -129,3 +129,21 @@ def test_token_ids_outside_the_vocabulary_raise_instead_of_aborting(model_path):
         print("ok", llm.detokenize([5, 6]) is not None, len(llm.nll([5, 6, 7])))
     """)
     assert out.stdout.split() == ["ok", "True", "2"]
+
+
+def test_sampling_values_are_checked_in_the_api(model_path):
+    """NaN/inf temperature, top_p outside [0, 1] and the like used to be accepted silently."""
+    import math
+
+    import lminf_gguf
+
+    llm = lminf_gguf.LMInfinite(model_path, n_local=16, n_threads=1)
+    for kw in (dict(temperature=math.nan), dict(temperature=math.inf), dict(temperature=-1.0), dict(top_p=-0.1),
+               dict(top_p=1.5), dict(min_p=math.nan), dict(top_k=-1), dict(top_k=2.5), dict(repeat_penalty=0.0),
+               dict(seed=-3), dict(seed=2**40)):
+        name = next(iter(kw))
+        with pytest.raises(lminf_gguf.InvalidInputError, match=name):
+            llm.generate([5, 6], max_tokens=2, **kw)
+        with pytest.raises(ValueError, match=name):
+            llm.create_completion([5, 6], max_tokens=2, **kw)
+    assert isinstance(llm.generate([5, 6], max_tokens=2, temperature=0), str)

@@ -588,3 +588,16 @@ def test_fake_head_and_options_get_405_with_allow_and_no_body(fake):
         assert f"Allow: {allowed}".encode() in lines
         if method == "HEAD":
             assert body == b""
+
+
+def test_fake_bodies_being_read_share_one_budget(fake, monkeypatch):
+    """Parallel large bodies no longer add up: past the server-wide budget a body is refused with 503."""
+    import lminf_gguf.server as server_module
+
+    srv, llm = fake
+    monkeypatch.setattr(server_module, "MAX_BODIES_BYTES", 100)
+    body = json.dumps({"prompt": "a" * 200}).encode()
+    status, ctype, text = srv.request("POST", "/v1/completions", raw=body)
+    assert status == 503 and json.loads(text)["error"]["code"] == "busy"
+    monkeypatch.setattr(server_module, "MAX_BODIES_BYTES", 1 << 20)
+    assert srv.json("POST", "/v1/completions", {"prompt": "a", "max_tokens": 2})[0] == 200
