@@ -56,7 +56,8 @@ def _read_state_file(path: str) -> bytes:
         raise StateError(f"{path} is {st.st_size} bytes, larger than any state file ({MAX_STATE_BYTES})")
     try:
         with open(path, "rb") as f:
-            return f.read(MAX_STATE_BYTES + 1)
+            # the size stat() saw (+1 to notice a file that grew): read(huge) would reserve that much memory first
+            return f.read(st.st_size + 1)
     except OSError as e:
         raise StateError(f"cannot read state file {path}: {e.strerror or e}") from None
 

@@ -328,8 +328,10 @@ def _limit(mem_gb: float):
     return set_limits
 
 
-def run_files(paths, *, timeout: int = 20, mem_gb: float = 4.0, log=None):
-    """Load every path in children; return one result dict per path (outcome ok/error/crash/hang)."""
+def run_files(paths, *, timeout: int = 20, mem_gb: float = 4.0, log=None, script: str = __file__, extra=()):
+    """Load every path in children (`script --child LIST --timeout T *extra`, which prints '@@' JSON lines: a
+    'start' before each file, then its result); return one result dict per path, a child's crash or hang recorded
+    against the file it was working on (outcome "crash" / "hang") before a new child carries on."""
     results = [None] * len(paths)
     start = 0
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", GGML_NO_BACKTRACE="1")
@@ -338,9 +340,9 @@ def run_files(paths, *, timeout: int = 20, mem_gb: float = 4.0, log=None):
             lst = os.path.join(tmp, "list.txt")
             with open(lst, "w") as f:
                 f.write("\n".join(str(p) for p in paths[start:]) + "\n")
-            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", lst, "--timeout",
-                                     str(timeout)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    cwd=tmp, env=env, preexec_fn=_limit(mem_gb))
+            proc = subprocess.Popen([sys.executable, os.path.abspath(script), "--child", lst, "--timeout",
+                                     str(timeout), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, cwd=tmp, env=env, preexec_fn=_limit(mem_gb))
             current = None
             for line in proc.stdout:
                 if not line.startswith("@@"):

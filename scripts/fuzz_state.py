@@ -30,7 +30,6 @@ import os
 import random
 import signal
 import struct
-import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -186,39 +185,11 @@ def _child(model: str, list_file: str, timeout: int) -> None:
 
 
 def run_files(model: str, paths, *, timeout: int = 20, log=None):
-    """Load every path in children; one result dict per path; a crash or hang restarts the child after it."""
-    results = [None] * len(paths)
-    start = 0
-    env = dict(os.environ, OMP_NUM_THREADS="1", GGML_NO_BACKTRACE="1")
-    with tempfile.TemporaryDirectory() as tmp:
-        while start < len(paths):
-            lst = os.path.join(tmp, "list.txt")
-            with open(lst, "w") as f:
-                f.write("\n".join(str(p) for p in paths[start:]) + "\n")
-            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", lst, "--model", model,
-                                     "--timeout", str(timeout)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, cwd=tmp, env=env)
-            current = None
-            for line in proc.stdout:
-                if line.startswith("@@"):
-                    msg = json.loads(line[2:])
-                    if "start" in msg:
-                        current = start + msg["start"]
-                    else:
-                        results[start + msg["i"]] = msg
-                        current = None
-            err = proc.stderr.read()
-            rc = proc.wait()
-            if current is None:
-                if any(r is None for r in results[start:]):
-                    raise RuntimeError(f"fuzz child stopped between files (rc {rc}): {err[-2000:]}")
-                break
-            outcome = "hang" if rc == -signal.SIGALRM else "crash"
-            results[current] = {"i": current - start, "outcome": outcome, "rc": rc, "stderr": err[-1500:]}
-            if log:
-                log(f"{outcome}: {paths[current]} rc={rc}\n{err[-600:]}")
-            start = current + 1
-    return results
+    """Load every path in children (fuzz_gguf.py's runner); one result dict per path."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import fuzz_gguf
+
+    return fuzz_gguf.run_files(paths, timeout=timeout, log=log, script=__file__, extra=["--model", model])
 
 
 def main(argv=None) -> int:
