@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -301,20 +301,29 @@ class LMInfinite:
                  top_p: float = SAMPLING.top_p, min_p: float = SAMPLING.min_p,
                  repeat_penalty: float = SAMPLING.repeat_penalty, seed: Optional[int] = None,
                  stop: Union[str, Iterable[str], None] = None, stream: bool = False,
-                 progress: Optional[Callable[[int, int], None]] = None,
-                 fresh: bool = True) -> Union[str, Iterator[str]]:
+                 progress: Optional[Callable[[int, int], None]] = None, fresh: bool = True,
+                 frequency_penalty: float = SAMPLING.frequency_penalty,
+                 presence_penalty: float = SAMPLING.presence_penalty, logit_bias: Optional[Dict[int, float]] = None,
+                 grammar=None) -> Union[str, Iterator[str]]:
         """Continue a prompt of any length: the text, or an iterator of pieces (stream).
 
         fresh=False appends the prompt (which may then be empty) to the current sequence instead of starting a
-        new one. progress(done, total) is called after each batch of the prompt.
+        new one. progress(done, total) is called after each batch of the prompt. frequency_penalty and
+        presence_penalty (OpenAI's, over the last 64 tokens), logit_bias ({token id: bias}) and grammar (a
+        llama-cpp-python LlamaGrammar) as llama-cpp-python names them.
         """
         self._cancel.clear()
         tokens = self._prompt_tokens(prompt, fresh)
         if not tokens and fresh:
             raise InvalidInputError("empty prompt")
-        sampling = sampling_args(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty,
+                                  presence_penalty, logit_bias, grammar)
         pieces = self._generate(tokens, fresh, max_tokens, sampling, generate.stop_list(stop), progress, None, {})
         return pieces if stream else "".join(pieces)
+
+    def _sampling(self, *args) -> dict:
+        """options.sampling_args, checked against this session's vocabulary."""
+        return generate.check_sampling(self, sampling_args(*args))
 
     def _prompt_tokens(self, prompt, fresh: bool) -> list:
         if isinstance(prompt, str):
@@ -339,9 +348,13 @@ class LMInfinite:
                           top_k: int = SAMPLING.top_k, min_p: float = SAMPLING.min_p,
                           repeat_penalty: float = SAMPLING.repeat_penalty, seed: Optional[int] = None,
                           stop: Union[str, List[str], None] = None, stream: bool = False, fresh: bool = True,
-                          progress: Optional[Callable[[int, int], None]] = None):
-        return responses.create_completion(self, prompt, max_tokens, temperature, top_p, top_k, min_p,
-                                           repeat_penalty, seed, stop, stream, fresh, progress)
+                          progress: Optional[Callable[[int, int], None]] = None,
+                          frequency_penalty: float = SAMPLING.frequency_penalty,
+                          presence_penalty: float = SAMPLING.presence_penalty,
+                          logit_bias: Optional[Dict[int, float]] = None, grammar=None):
+        sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty,
+                                  presence_penalty, logit_bias, grammar)
+        return responses.create_completion(self, prompt, max_tokens, sampling, stop, stream, fresh, progress)
 
     create_completion.__doc__ = responses.create_completion.__doc__
 
@@ -358,9 +371,15 @@ class LMInfinite:
                                temperature: float = CHAT_TEMPERATURE, top_p: float = SAMPLING.top_p,
                                top_k: int = SAMPLING.top_k, min_p: float = SAMPLING.min_p,
                                repeat_penalty: float = SAMPLING.repeat_penalty, seed: Optional[int] = None,
-                               stop: Union[str, List[str], None] = None, stream: bool = False):
-        return responses.create_chat_completion(self, messages, max_tokens, temperature, top_p, top_k, min_p,
-                                                repeat_penalty, seed, stop, stream)
+                               stop: Union[str, List[str], None] = None, stream: bool = False,
+                               frequency_penalty: float = SAMPLING.frequency_penalty,
+                               presence_penalty: float = SAMPLING.presence_penalty,
+                               logit_bias: Optional[Dict[int, float]] = None, grammar=None,
+                               response_format: Optional[dict] = None):
+        grammar = responses.response_format_grammar(response_format) if response_format else grammar
+        sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty,
+                                  presence_penalty, logit_bias, grammar)
+        return responses.create_chat_completion(self, messages, max_tokens, sampling, stop, stream)
 
     create_chat_completion.__doc__ = responses.create_chat_completion.__doc__
 

@@ -13,12 +13,26 @@ from .errors import InvalidInputError
 from .options import MODES
 
 
+def check_sampling(llm, sampling: dict) -> dict:
+    """options.sampling_args' result checked against this session's vocabulary (logit_bias ids)."""
+    for tok in (sampling.get("logit_bias") or {}):
+        if not 0 <= tok < llm.n_vocab:
+            raise InvalidInputError(f"logit_bias: token id {tok} outside the vocabulary [0, {llm.n_vocab})")
+    return sampling
+
+
 def make_sampler(llm, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
-                 seed: Optional[int]):
-    """llama.cpp's sampler chain for these settings (greedy when temperature <= 0)."""
+                 seed: Optional[int], frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                 logit_bias=None, grammar=None):
+    """llama.cpp's sampler chain for these settings (greedy when temperature <= 0): logit bias, penalties of the
+    last 64 tokens, a grammar (llama-cpp-python's LlamaGrammar), then the samplers."""
     sampler = llama_cpp._internals.LlamaSampler()
-    if repeat_penalty != 1.0:
-        sampler.add_penalties(llm.n_vocab, 64, repeat_penalty, 0.0, 0.0)
+    if logit_bias:
+        sampler.add_logit_bias(llm.n_vocab, logit_bias)
+    if repeat_penalty != 1.0 or frequency_penalty or presence_penalty:
+        sampler.add_penalties(llm.n_vocab, 64, repeat_penalty, frequency_penalty, presence_penalty)
+    if grammar is not None:
+        sampler.add_grammar(llm._model, grammar)
     if temperature <= 0:
         sampler.add_greedy()
         return sampler
@@ -30,8 +44,8 @@ def make_sampler(llm, temperature: float, top_k: int, top_p: float, min_p: float
     return sampler
 
 
-def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[bytes], info: dict, temperature,
-           top_k, top_p, min_p, repeat_penalty, seed) -> Iterator[str]:
+def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[bytes], info: dict,
+           **sampling) -> Iterator[str]:
     """Evaluate the prompt tokens, then sample; yield text pieces. info gets finish_reason, prompt_tokens,
     completion_tokens. text: the bytes the prompt tokens stand for (chat prefix tracking), or None."""
     info.update(finish_reason="cancelled", prompt_tokens=len(tokens), completion_tokens=0)
@@ -54,7 +68,7 @@ def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[by
     if max_tokens is None or max_tokens <= 0:
         max_tokens = llm.n_local if MODES[llm.mode].bounded or MODES[llm.mode].shift else \
             llm._cache.n_ctx - llm._cache.pos
-    sampler = make_sampler(llm, temperature, top_k, top_p, min_p, repeat_penalty, seed)
+    sampler = make_sampler(llm, **sampling)
     cand = llama_cpp._internals.LlamaTokenDataArray(n_vocab=llm.n_vocab)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     vocab = llm._model.vocab

@@ -52,13 +52,16 @@ class Sampling:
     top_p: float = 0.95
     min_p: float = 0.05
     repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: Optional[int] = None
 
 
 SAMPLING = Sampling()
 
 
-def sampling_args(temperature, top_k, top_p, min_p, repeat_penalty, seed) -> dict:
+def sampling_args(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty=0.0,
+                  presence_penalty=0.0, logit_bias=None, grammar=None) -> dict:
     """Sampling keywords checked (InvalidInputError names the first bad one; NaN and infinities included)."""
     def number(name, value, low, high=None, low_open=False, integer=False):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
@@ -71,9 +74,25 @@ def sampling_args(temperature, top_k, top_p, min_p, repeat_penalty, seed) -> dic
 
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
         raise InvalidInputError(f"seed must be None or an integer in [0, 2^32), not {seed!r}")
+    bias = None
+    if logit_bias is not None:
+        if not isinstance(logit_bias, dict):
+            raise InvalidInputError(f"logit_bias must map token ids to numbers, not {type(logit_bias).__name__}")
+        bias = {}
+        for key, value in logit_bias.items():
+            try:
+                tok = int(key)
+                if isinstance(key, (bool, float)) or (isinstance(key, str) and not key.strip().lstrip("-").isdigit()):
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise InvalidInputError(f"logit_bias keys must be token ids, not {key!r}") from None
+            bias[tok] = number(f"logit_bias[{key}]", value, -100.0, 100.0)
     return dict(temperature=number("temperature", temperature, 0.0), top_k=number("top_k", top_k, 0, integer=True),
                 top_p=number("top_p", top_p, 0.0, 1.0), min_p=number("min_p", min_p, 0.0, 1.0),
-                repeat_penalty=number("repeat_penalty", repeat_penalty, 0.0, low_open=True), seed=seed)
+                repeat_penalty=number("repeat_penalty", repeat_penalty, 0.0, low_open=True),
+                frequency_penalty=number("frequency_penalty", frequency_penalty, -2.0, 2.0),
+                presence_penalty=number("presence_penalty", presence_penalty, -2.0, 2.0),
+                logit_bias=bias, grammar=grammar, seed=seed)
 CHAT_TEMPERATURE = 0.2
 
 

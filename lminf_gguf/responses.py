@@ -3,6 +3,7 @@ LMInfinite.create_completion / create_chat_completion / chat_formatter / render_
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Callable, List, Optional, Sequence, Union
@@ -11,7 +12,6 @@ from . import inputs
 from ._lib import llama_cpp, llama_raw
 from .errors import InvalidInputError
 from .generate import stop_list
-from .options import sampling_args
 
 # the fallback chat template when the GGUF file has none, or one that cannot be rendered
 CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -19,8 +19,7 @@ CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['rol
                    "{% endif %}")
 
 
-def create_completion(llm, prompt: Union[str, Sequence[int]], max_tokens: Optional[int], temperature: float,
-                      top_p: float, top_k: int, min_p: float, repeat_penalty: float, seed: Optional[int],
+def create_completion(llm, prompt: Union[str, Sequence[int]], max_tokens: Optional[int], sampling: dict,
                       stop: Union[str, List[str], None], stream: bool, fresh: bool,
                       progress: Optional[Callable[[int, int], None]]):
     """Text completion with the dict shape of llama_cpp.Llama.create_completion ("text_completion"; with
@@ -35,7 +34,6 @@ def create_completion(llm, prompt: Union[str, Sequence[int]], max_tokens: Option
     if not tokens and fresh:
         raise InvalidInputError("empty prompt")
     info: dict = {}
-    sampling = sampling_args(temperature, top_k, top_p, min_p, repeat_penalty, seed)
     pieces = llm._generate(tokens, fresh, max_tokens, sampling, stop_list(stop), progress, None, info)
     cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
     if stream:
@@ -95,8 +93,7 @@ def render_chat(llm, messages: List[dict]) -> str:
         return Jinja2ChatFormatter(CHATML_TEMPLATE, eos_token="", bos_token="")(messages=messages).prompt
 
 
-def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int], temperature: float, top_p: float,
-                           top_k: int, min_p: float, repeat_penalty: float, seed: Optional[int],
+def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int], sampling: dict,
                            stop: Union[str, List[str], None], stream: bool):
     """Chat completion with the dict shape of llama_cpp.Llama.create_chat_completion ("chat.completion";
     with stream=True "chat.completion.chunk" dicts: a first delta {"role": "assistant"}, then {"content"},
@@ -123,7 +120,6 @@ def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int],
         tokens = tokenize_chat(llm, data, 0, spans, add_bos)
         fresh, text = True, data
     info: dict = {}
-    sampling = sampling_args(temperature, top_k, top_p, min_p, repeat_penalty, seed)
     stops = stop_list(stop) + ["<|im_end|>"] * (llm._template_source != "gguf")
     pieces = llm._generate(tokens, fresh, max_tokens, sampling, stops, None, text, info)
     cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
@@ -174,3 +170,29 @@ def tokenize_chat(llm, data: bytes, start: int, spans, add_bos: bool) -> list:
     if pos < len(data) or not tokens:
         tokens += llm._model.tokenize(data[pos:], add_bos and not tokens, True)
     return tokens
+
+
+def response_format_grammar(response_format: dict):
+    """OpenAI's response_format as a grammar: "text" (none), "json_object" (any JSON object; a "schema" key
+    narrows it) or "json_schema" ({"json_schema": {"schema": ...}}), with llama-cpp-python's JSON-schema
+    converter."""
+    if not isinstance(response_format, dict):
+        raise InvalidInputError("response_format must be an object with a 'type'")
+    kind = response_format.get("type")
+    grammars = llama_cpp.llama_grammar
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = response_format.get("schema")
+        return (grammars.LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False) if schema is not None
+                else grammars.LlamaGrammar.from_string(grammars.JSON_GBNF, verbose=False))
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidInputError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
+        try:
+            return grammars.LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        except Exception as e:  # the converter's own errors: a schema it cannot express
+            raise InvalidInputError(f"response_format: this JSON schema has no grammar ({e})") from None
+    raise InvalidInputError(f"response_format type must be text, json_object or json_schema, not {kind!r}")

@@ -7,11 +7,15 @@
 Endpoints
   POST /v1/completions       {"prompt": "...", "max_tokens": 16, "stream": false, ...}
   POST /v1/chat/completions  {"messages": [{"role": "user", "content": "..."}], "stream": false, ...}
-  GET  /v1/models            the one model served
+  GET  /v1/models            the one model served; GET /v1/models/{id} that model (404 for any other id)
+  POST /tokenize             {"content": "...", "add_special": false} -> {"tokens": [...]}
+  POST /detokenize           {"tokens": [...]} -> {"content": "..."}
   GET  /health               {"status": "ok"}
 The same paths without the /v1 prefix are accepted too. "stream": true answers with Server-Sent Events,
-`data: {chunk}` per piece and `data: [DONE]` at the end. Request fields: max_tokens, temperature, top_p, top_k,
-min_p, repeat_penalty, seed, stop, stream (n must be 1; unknown fields such as model or user are ignored).
+`data: {chunk}` per piece and `data: [DONE]` at the end. Request fields: max_tokens (or max_completion_tokens),
+temperature, top_p, top_k, min_p, repeat_penalty, frequency_penalty, presence_penalty, logit_bias, seed, stop,
+stream, and for chat response_format (text, json_object, json_schema: constrained by a grammar) (n must be 1;
+unknown fields such as model or user are ignored).
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with status 400, 401, 404, 405, 413
 or 500.
 
@@ -138,7 +142,20 @@ def _sampling(body: dict, max_tokens_default: Optional[int], temperature_default
     elif stop is not None:
         raise _bad("'stop' must be a string or a list of strings", "stop")
     seed = _number(body, "seed", None, integer=True, low=-1, high=2**32 - 1)
-    return dict(
+    if body.get("max_completion_tokens") is not None:  # OpenAI's newer name (LangChain sends it)
+        if body.get("max_tokens") is not None and body["max_tokens"] != body["max_completion_tokens"]:
+            raise _bad("'max_tokens' and 'max_completion_tokens' disagree", "max_completion_tokens")
+        body = dict(body, max_tokens=body["max_completion_tokens"])
+    extra = {}  # passed only when given (llama-cpp-python's keyword names)
+    for name in ("frequency_penalty", "presence_penalty"):
+        if body.get(name) is not None:
+            extra[name] = _number(body, name, 0.0, low=-2.0, high=2.0)
+    if body.get("logit_bias") is not None:
+        bias = body["logit_bias"]
+        if not isinstance(bias, dict) or len(bias) > 1024:
+            raise _bad("'logit_bias' must be an object of at most 1024 token ids", "logit_bias")
+        extra["logit_bias"] = {k: _number(bias, k, 0.0, low=-100.0, high=100.0) for k in bias}
+    return dict(**extra,
         max_tokens=_number(body, "max_tokens", max_tokens_default, low=1, high=max_tokens_limit, integer=True),
         temperature=_number(body, "temperature", temperature_default, low=0.0),
         top_p=_number(body, "top_p", SAMPLING.top_p, low=0.0, high=1.0),
@@ -208,7 +225,14 @@ def parse_chat_request(body: dict, max_tokens_limit: int = MAX_TOKENS_LIMIT) -> 
         clean.append({"role": role, "content": _content(m, i)})
     if body.get("tools") or body.get("functions"):
         raise _bad("tools and functions are not supported", "tools")
-    return dict(messages=clean, **_sampling(body, None, CHAT_TEMPERATURE, max_tokens_limit))
+    out = dict(messages=clean, **_sampling(body, None, CHAT_TEMPERATURE, max_tokens_limit))
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise _bad("'response_format' must be {'type': 'text' | 'json_object' | 'json_schema', ...}",
+                       "response_format")
+        out["response_format"] = fmt
+    return out
 
 
 # -- server -----------------------------------------------------------------------------------------------------
@@ -416,12 +440,17 @@ class _Handler(BaseHTTPRequestHandler):
     # -- methods ----------------------------------------------------------------------------------------------
 
     _GET = {"/models": "_models", "/health": "_health"}
-    _POST = {"/completions": "_completions", "/chat/completions": "_chat"}
+    _POST = {"/completions": "_completions", "/chat/completions": "_chat", "/tokenize": "_tokenize",
+             "/detokenize": "_detokenize"}
 
     def _dispatch(self, method: str) -> None:
         self._streaming = False
         route = self._route()
+        if route.startswith("/models/") and method == "GET":
+            route = "/models/{id}"
         table = self._GET if method == "GET" else self._POST if method == "POST" else {}
+        if route == "/models/{id}" and method == "GET":
+            table = {route: "_model"}
         try:
             if route not in table:
                 if route in self._GET or route in self._POST:
@@ -474,6 +503,34 @@ class _Handler(BaseHTTPRequestHandler):
         s = self.server
         self._send_json(200, {"object": "list", "data": [
             {"id": s.model_id, "object": "model", "created": s.created, "owned_by": "lminf", "permissions": []}]})
+
+    def _model(self) -> None:
+        s = self.server
+        wanted = self._route()[len("/models/"):]
+        if wanted != s.model_id:
+            raise RequestError(404, f"no model {wanted!r} here; this server serves {s.model_id!r}",
+                               code="model_not_found")
+        self._send_json(200, {"id": s.model_id, "object": "model", "created": s.created, "owned_by": "lminf"})
+
+    def _tokenize(self) -> None:
+        """llama.cpp server's shape: {"content": text, "add_special": bool} -> {"tokens": [ids]}."""
+        body = self._read_body()
+        text, add = body.get("content"), body.get("add_special", False)
+        if not isinstance(text, str) or not isinstance(add, bool):
+            raise _bad("'content' must be a string and 'add_special' a boolean", "content")
+        with self.server.lock, _engine_errors():
+            tokens = self.server.llm.tokenize(text, add_bos=add)
+        self._send_json(200, {"tokens": tokens})
+
+    def _detokenize(self) -> None:
+        """{"tokens": [ids]} -> {"content": text}."""
+        body = self._read_body()
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise _bad("'tokens' must be a list of integers", "tokens")
+        with self.server.lock, _engine_errors():
+            text = self.server.llm.detokenize(tokens)
+        self._send_json(200, {"content": text})
 
     def _completions(self) -> None:
         kwargs = parse_completion_request(self._read_body(), self.server.max_tokens_limit)

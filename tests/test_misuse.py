@@ -147,3 +147,17 @@ def test_sampling_values_are_checked_in_the_api(model_path):
         with pytest.raises(ValueError, match=name):
             llm.create_completion([5, 6], max_tokens=2, **kw)
     assert isinstance(llm.generate([5, 6], max_tokens=2, temperature=0), str)
+
+
+def test_logit_bias_and_penalties_are_checked(model_path):
+    import lminf_gguf
+
+    llm = lminf_gguf.LMInfinite(model_path, n_local=16, n_threads=1)
+    for kw in (dict(logit_bias={llm.n_vocab: 1.0}), dict(logit_bias={-1: 1.0}), dict(logit_bias={"x": 1.0}),
+               dict(logit_bias={5: float("nan")}), dict(logit_bias=[1, 2]), dict(frequency_penalty=3.0),
+               dict(presence_penalty=float("inf"))):
+        with pytest.raises(lminf_gguf.InvalidInputError):
+            llm.generate([5, 6], max_tokens=2, **kw)
+    # a bias of +100 makes one token the only choice; penalties run
+    out = llm.create_completion([5, 6], max_tokens=3, temperature=0, logit_bias={7: 100.0}, presence_penalty=0.5)
+    assert out["usage"]["completion_tokens"] == 3

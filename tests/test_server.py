@@ -601,3 +601,45 @@ def test_fake_bodies_being_read_share_one_budget(fake, monkeypatch):
     assert status == 503 and json.loads(text)["error"]["code"] == "busy"
     monkeypatch.setattr(server_module, "MAX_BODIES_BYTES", 1 << 20)
     assert srv.json("POST", "/v1/completions", {"prompt": "a", "max_tokens": 2})[0] == 200
+
+
+@needs_model
+def test_real_openai_fields_work(real):
+    """max_completion_tokens, logit_bias, presence/frequency penalties and response_format json_object /
+    json_schema are applied (they used to be dropped silently)."""
+    srv, llm = real
+    base = {"messages": [{"role": "user", "content": "Name a colour."}], "temperature": 0}
+    status, out = srv.json("POST", "/v1/chat/completions", {**base, "max_completion_tokens": 3})
+    assert status == 200 and out["usage"]["completion_tokens"] <= 3
+    # a bias of +100 on one token makes it the only choice
+    forced = llm.tokenize(" zebra", add_bos=False)[0]
+    status, out = srv.json("POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 3, "temperature": 0,
+                                                       "logit_bias": {str(forced): 100}})
+    assert status == 200 and llm.tokenize(out["choices"][0]["text"], add_bos=False)[:1] == [forced]
+    status, out = srv.json("POST", "/v1/chat/completions", {**base, "max_tokens": 8, "presence_penalty": 1.5,
+                                                            "frequency_penalty": 1.0})
+    assert status == 200
+    status, out = srv.json("POST", "/v1/chat/completions", {
+        **base, "max_tokens": 48, "response_format": {"type": "json_schema", "json_schema": {"schema": {
+            "type": "object", "properties": {"colour": {"type": "string", "maxLength": 12}},
+            "required": ["colour"]}}}})
+    assert status == 200, out
+    reply = json.loads(out["choices"][0]["message"]["content"])
+    assert isinstance(reply, dict) and isinstance(reply["colour"], str)
+    assert_error(*srv.json("POST", "/v1/chat/completions", {**base, "response_format": {"type": "yaml"}}), 400)
+    assert_error(*srv.json("POST", "/v1/completions", {"prompt": "a", "logit_bias": {"x": 1}}), 400)
+    assert_error(*srv.json("POST", "/v1/completions", {"prompt": "a", "logit_bias": {"99999999": 1}}), 400)
+
+
+@needs_model
+def test_real_model_by_id_and_tokenize(real):
+    srv, llm = real
+    name = Path(DEFAULT_MODEL).name
+    status, out = srv.json("GET", f"/v1/models/{name}")
+    assert status == 200 and out["id"] == name
+    assert_error(*srv.json("GET", "/v1/models/other.gguf"), 404)
+    status, out = srv.json("POST", "/tokenize", {"content": "Hello world"})
+    assert status == 200 and out["tokens"] == llm.tokenize("Hello world", add_bos=False)
+    status, back = srv.json("POST", "/detokenize", {"tokens": out["tokens"]})
+    assert status == 200 and back["content"] == "Hello world"
+    assert_error(*srv.json("POST", "/detokenize", {"tokens": [10 ** 9]}), 400)
