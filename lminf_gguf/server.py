@@ -14,8 +14,8 @@ Endpoints
 The same paths without the /v1 prefix are accepted too. "stream": true answers with Server-Sent Events,
 `data: {chunk}` per piece and `data: [DONE]` at the end. Request fields: max_tokens (or max_completion_tokens),
 temperature, top_p, top_k, min_p, repeat_penalty, frequency_penalty, presence_penalty, logit_bias, seed, stop,
-stream, and for chat response_format (text, json_object, json_schema: constrained by a grammar) (n must be 1;
-unknown fields such as model or user are ignored).
+stream, and for chat response_format (text, json_object, json_schema: constrained by a grammar); n must be 1,
+model and user are accepted and ignored, and any other field is refused with a 400 that names it.
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with status 400, 401, 404, 405, 413
 or 500.
 
@@ -119,6 +119,23 @@ def _number(body: dict, name: str, default, low=None, high=None, integer=False, 
     return int(value) if integer else float(value)
 
 
+# the request fields each endpoint understands; any other field is refused with a 400 that names it, so that
+# nothing a client relies on (tools, logprobs, stream_options, ...) is dropped silently. "model" and "user" are
+# accepted and ignored: one model is served, and nothing is accounted per user.
+_COMMON_FIELDS = {"model", "user", "n", "stream", "stop", "seed", "max_tokens", "max_completion_tokens",
+                  "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "frequency_penalty",
+                  "presence_penalty", "logit_bias", "logprobs"}
+COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix"}
+CHAT_FIELDS = _COMMON_FIELDS | {"messages", "response_format"}
+
+
+def _known_fields(body: dict, known: set) -> None:
+    unknown = sorted(k for k in body if k not in known)
+    if unknown:
+        raise _bad(f"unsupported field {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1
+                   else "") + "; this server implements: " + ", ".join(sorted(known)), unknown[0])
+
+
 def _sampling(body: dict, max_tokens_default: Optional[int], temperature_default: float,
               max_tokens_limit: int = MAX_TOKENS_LIMIT) -> dict:
     """Sampling arguments shared by both endpoints, checked and converted to create_*completion keywords."""
@@ -172,6 +189,7 @@ def parse_completion_request(body: dict, max_tokens_limit: int = MAX_TOKENS_LIMI
     """Keyword arguments of LMInfinite.create_completion for a /v1/completions body."""
     if "prompt" not in body:
         raise _bad("missing required field 'prompt'", "prompt")
+    _known_fields(body, COMPLETION_FIELDS)
     prompt = body["prompt"]
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -211,6 +229,7 @@ def parse_chat_request(body: dict, max_tokens_limit: int = MAX_TOKENS_LIMIT) -> 
     """Keyword arguments of LMInfinite.create_chat_completion for a /v1/chat/completions body."""
     if "messages" not in body:
         raise _bad("missing required field 'messages'", "messages")
+    _known_fields(body, CHAT_FIELDS)
     messages = body["messages"]
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list", "messages")

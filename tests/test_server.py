@@ -643,3 +643,19 @@ def test_real_model_by_id_and_tokenize(real):
     status, back = srv.json("POST", "/detokenize", {"tokens": out["tokens"]})
     assert status == 200 and back["content"] == "Hello world"
     assert_error(*srv.json("POST", "/detokenize", {"tokens": [10 ** 9]}), 400)
+
+
+def test_fake_unknown_fields_are_refused_by_name(fake):
+    """Nothing a client relies on is dropped silently (issue 15): an unsupported field is a 400 naming it."""
+    srv, llm = fake
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    for field, value in (("tools", [{"type": "function"}]), ("stream_options", {"include_usage": True}),
+                         ("top_logprobs", 2), ("functions", []), ("made_up", 1)):
+        status, body = srv.json("POST", "/v1/chat/completions", {**chat, field: value})
+        assert_error(status, body, 400)
+        assert body["error"]["param"] == field and field in body["error"]["message"]
+    status, body = srv.json("POST", "/v1/completions", {"prompt": "a", "best_of": 2})
+    assert_error(status, body, 400)
+    assert body["error"]["param"] == "best_of"
+    # model and user are accepted (one model is served; nothing is accounted per user)
+    assert srv.json("POST", "/v1/chat/completions", {**chat, "model": "x", "user": "u"})[0] == 200
