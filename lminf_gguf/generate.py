@@ -14,11 +14,27 @@ from .options import MODES
 
 
 def check_sampling(llm, sampling: dict) -> dict:
-    """options.sampling_args' result checked against this session's vocabulary (logit_bias ids)."""
+    """options.sampling_args' result checked against this session: logit_bias ids in the vocabulary, a grammar
+    that llama.cpp parses (tried once here, before any prompt is evaluated)."""
     for tok in (sampling.get("logit_bias") or {}):
         if not 0 <= tok < llm.n_vocab:
             raise InvalidInputError(f"logit_bias: token id {tok} outside the vocabulary [0, {llm.n_vocab})")
+    if sampling.get("grammar") is not None:
+        llama_raw.llama_sampler_free(_grammar_sampler(llm, sampling["grammar"]))
     return sampling
+
+
+def _grammar_sampler(llm, grammar):
+    """llama.cpp's grammar sampler; InvalidInputError when it cannot parse the grammar (it returns NULL, which
+    llama-cpp-python's add_grammar hands on to the chain: a segfault)."""
+    try:
+        text, root = grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
+    except AttributeError:
+        raise InvalidInputError("grammar must be a llama-cpp-python LlamaGrammar") from None
+    sampler = llama_raw.llama_sampler_init_grammar(llm._model.vocab, text, root)
+    if not sampler:
+        raise InvalidInputError("the grammar does not parse (llama.cpp's grammar parser refused it)")
+    return sampler
 
 
 def make_sampler(llm, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
@@ -32,7 +48,7 @@ def make_sampler(llm, temperature: float, top_k: int, top_p: float, min_p: float
     if repeat_penalty != 1.0 or frequency_penalty or presence_penalty:
         sampler.add_penalties(llm.n_vocab, 64, repeat_penalty, frequency_penalty, presence_penalty)
     if grammar is not None:
-        sampler.add_grammar(llm._model, grammar)
+        llama_raw.llama_sampler_chain_add(sampler.sampler, _grammar_sampler(llm, grammar))
     if temperature <= 0:
         sampler.add_greedy()
         return sampler

@@ -4,6 +4,7 @@ LMInfinite.create_completion / create_chat_completion / chat_formatter / render_
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Callable, List, Optional, Sequence, Union
@@ -184,6 +185,8 @@ def response_format_grammar(response_format: dict):
         return None
     if kind == "json_object":
         schema = response_format.get("schema")
+        if schema is not None:
+            _check_schema_size(schema)
         return (grammars.LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False) if schema is not None
                 else grammars.LlamaGrammar.from_string(grammars.JSON_GBNF, verbose=False))
     if kind == "json_schema":
@@ -191,8 +194,43 @@ def response_format_grammar(response_format: dict):
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise InvalidInputError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
+        _check_schema_size(schema)
         try:
             return grammars.LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
         except Exception as e:  # the converter's own errors: a schema it cannot express
             raise InvalidInputError(f"response_format: this JSON schema has no grammar ({e})") from None
     raise InvalidInputError(f"response_format type must be text, json_object or json_schema, not {kind!r}")
+
+
+# bounds on what a schema may ask of the grammar converter: it unrolls counts, so {"minLength": 10**9} would build
+# a grammar of 10^9 rules and exhaust the host's memory (found while checking this path)
+_SCHEMA_MAX_COUNT = 1000
+_SCHEMA_MAX_NODES = 10000
+_SCHEMA_MAX_DEPTH = 64
+_COUNT_KEYS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+_QUANTIFIER = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def _check_schema_size(schema) -> None:
+    """InvalidInputError for a schema whose grammar would be unbounded in practice: counts or regex repeats above
+    _SCHEMA_MAX_COUNT, more than _SCHEMA_MAX_NODES values, or nesting deeper than _SCHEMA_MAX_DEPTH."""
+    nodes = 0
+    stack = [(schema, 0)]
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if nodes > _SCHEMA_MAX_NODES or depth > _SCHEMA_MAX_DEPTH:
+            raise InvalidInputError("response_format: the JSON schema is too large or too deeply nested")
+        if isinstance(node, dict):
+            for key in _COUNT_KEYS:
+                value = node.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > _SCHEMA_MAX_COUNT:
+                    raise InvalidInputError(f"response_format: {key} {value} is above {_SCHEMA_MAX_COUNT}")
+            pattern = node.get("pattern")
+            if isinstance(pattern, str):
+                for m in _QUANTIFIER.finditer(pattern):
+                    if any(g and int(g) > _SCHEMA_MAX_COUNT for g in m.groups()):
+                        raise InvalidInputError(f"response_format: a pattern repeat above {_SCHEMA_MAX_COUNT}")
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)

@@ -161,3 +161,25 @@ def test_logit_bias_and_penalties_are_checked(model_path):
     # a bias of +100 makes one token the only choice; penalties run
     out = llm.create_completion([5, 6], max_tokens=3, temperature=0, logit_bias={7: 100.0}, presence_penalty=0.5)
     assert out["usage"]["completion_tokens"] == 3
+
+
+def test_hostile_json_schemas_raise_instead_of_killing_the_process(model_path):
+    """response_format schemas that used to end the process: {"enum": []} gave a grammar llama.cpp cannot parse
+    (a NULL sampler: SIGSEGV), {"minLength": 10**9} made the converter unroll 10^9 rules (out of memory)."""
+    out = run_child(f"""
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))   # an unbounded grammar fails fast here
+        import lminf_gguf
+        llm = lminf_gguf.LMInfinite({model_path!r}, n_local=16, n_threads=1)
+        m = [{{"role": "user", "content": "x"}}]
+        schemas = [{{"enum": []}}, {{"type": "string", "minLength": 10 ** 9}}, {{"type": "array", "minItems": 5000}},
+                   {{"type": "string", "pattern": "^a{{1000000}}$"}}, {{"type": "nonsense"}}]
+        for schema in schemas:
+            try:
+                llm.create_chat_completion(m, max_tokens=2, response_format={{"type": "json_schema",
+                                                                             "json_schema": {{"schema": schema}}}})
+                print("accepted")
+            except lminf_gguf.InvalidInputError:
+                print("refused")
+    """)
+    assert out.stdout.split() == ["refused"] * 5
