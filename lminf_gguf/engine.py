@@ -332,10 +332,10 @@ class LMInfinite:
 
     @in_use_stream
     def _generate(self, tokens, fresh, max_tokens, sampling: dict, stops, progress, text: Optional[bytes],
-                  info: dict) -> Iterator[str]:
+                  info: dict, logprobs: Optional[int] = None, prompt_logprobs: bool = False) -> Iterator[str]:
         """generate.pieces() as a use of this session (it lasts until the stream ends or is closed)."""
         yield from generate.pieces(self, tokens, fresh, max_tokens, stops=stops, progress=progress, text=text,
-                                   info=info, **sampling)
+                                   info=info, logprobs=logprobs, prompt_logprobs=prompt_logprobs, **sampling)
 
     # -- OpenAI-style API (the dict shapes of llama-cpp-python's Llama; responses.py) ---------------------------
 
@@ -351,10 +351,12 @@ class LMInfinite:
                           progress: Optional[Callable[[int, int], None]] = None,
                           frequency_penalty: float = SAMPLING.frequency_penalty,
                           presence_penalty: float = SAMPLING.presence_penalty,
-                          logit_bias: Optional[Dict[int, float]] = None, grammar=None):
+                          logit_bias: Optional[Dict[int, float]] = None, grammar=None, n: int = 1,
+                          logprobs: Optional[int] = None, echo: bool = False, stream_options: Optional[dict] = None):
         sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty,
                                   presence_penalty, logit_bias, grammar)
-        return responses.create_completion(self, prompt, max_tokens, sampling, stop, stream, fresh, progress)
+        return responses.create_completion(self, prompt, max_tokens, sampling, stop, stream, fresh, progress, n=n,
+                                           logprobs=logprobs, echo=echo, stream_options=stream_options)
 
     create_completion.__doc__ = responses.create_completion.__doc__
 
@@ -375,11 +377,14 @@ class LMInfinite:
                                frequency_penalty: float = SAMPLING.frequency_penalty,
                                presence_penalty: float = SAMPLING.presence_penalty,
                                logit_bias: Optional[Dict[int, float]] = None, grammar=None,
-                               response_format: Optional[dict] = None):
+                               response_format: Optional[dict] = None, n: int = 1, logprobs: Optional[bool] = None,
+                               top_logprobs: Optional[int] = None, stream_options: Optional[dict] = None):
         grammar = responses.response_format_grammar(response_format) if response_format else grammar
         sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty,
                                   presence_penalty, logit_bias, grammar)
-        return responses.create_chat_completion(self, messages, max_tokens, sampling, stop, stream)
+        return responses.create_chat_completion(self, messages, max_tokens, sampling, stop, stream, n=n,
+                                                logprobs=logprobs, top_logprobs=top_logprobs,
+                                                stream_options=stream_options)
 
     create_chat_completion.__doc__ = responses.create_chat_completion.__doc__
 

@@ -7,6 +7,8 @@ import codecs
 import ctypes
 from typing import Iterator, Optional
 
+import numpy as np
+
 from . import inputs
 from ._lib import llama_cpp, llama_raw
 from .errors import InvalidInputError
@@ -60,20 +62,56 @@ def make_sampler(llm, temperature: float, top_k: int, top_p: float, min_p: float
     return sampler
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities of logits along the last axis (float32; the model's distribution, before sampling)."""
+    x = np.asarray(logits, dtype=np.float32)
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+
+
+def token_record(llm, tok: int, lp: Optional[np.ndarray], top: int, offset: int = 0) -> dict:
+    """One token for logprobs: id, bytes, its log-probability under lp (None: none, e.g. a prompt's first
+    token) and the `top` most likely alternatives as (id, log-probability, bytes), most likely first."""
+    rec = {"id": tok, "bytes": inputs.piece(llm, tok), "offset": offset, "logprob": None, "top": []}
+    if lp is not None:
+        rec["logprob"] = float(lp[tok])
+        if top > 0:
+            best = np.argpartition(-lp, top - 1)[:top] if top < lp.shape[0] else np.arange(lp.shape[0])
+            best = best[np.argsort(-lp[best], kind="stable")]
+            rec["top"] = [(int(i), float(lp[i]), inputs.piece(llm, int(i))) for i in best]
+    return rec
+
+
 def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[bytes], info: dict,
-           **sampling) -> Iterator[str]:
+           logprobs: Optional[int] = None, prompt_logprobs: bool = False, **sampling) -> Iterator[str]:
     """Evaluate the prompt tokens, then sample; yield text pieces. info gets finish_reason, prompt_tokens,
-    completion_tokens. text: the bytes the prompt tokens stand for (chat prefix tracking), or None."""
+    completion_tokens. text: the bytes the prompt tokens stand for (chat prefix tracking), or None.
+
+    logprobs (k >= 0): info["tokens"] gets a token_record per sampled token (with "offset", the character offset
+    of its text in the generated text) with the k most likely alternatives; prompt_logprobs: info["prompt"] gets
+    one per prompt token (the prompt evaluated with all its logits)."""
     info.update(finish_reason="cancelled", prompt_tokens=len(tokens), completion_tokens=0)
+    if logprobs is not None:
+        info["tokens"] = []
     if fresh:
         llm.reset()
     prev_text = llm._text
     llm._text = None
     done = 0
+    if prompt_logprobs:
+        info["prompt"] = []
+        prev = None if fresh else llm._last
     for start in range(0, len(tokens), llm.n_batch):
         if llm._cancel.is_set():
             return
-        llm._decode(tokens[start:start + llm.n_batch], all_logits=False)
+        block = tokens[start:start + llm.n_batch]
+        out = llm._decode(block, all_logits=prompt_logprobs)
+        if prompt_logprobs:  # row k - 1 predicts token k (one row at a time: [n_batch, n_vocab] twice is large)
+            for k, tok in enumerate(block):
+                row = out[k - 1] if k else prev
+                info["prompt"].append(token_record(llm, tok, None if row is None else log_softmax(row),
+                                                   logprobs or 0))
+            prev = out[-1].copy()
         done = min(done + llm.n_batch, len(tokens))
         if progress:
             progress(done, len(tokens))
@@ -96,6 +134,8 @@ def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[by
             if llm._cancel.is_set():
                 info["finish_reason"] = "cancelled"
                 break
+            if logprobs is not None:
+                lp = log_softmax(llm._last)
             cand.copy_logits(llm._last)
             llama_raw.llama_sampler_apply(sampler.sampler, ctypes.byref(cand.candidates))
             tok = int(cand.candidates_data.id[cand.candidates.selected])
@@ -104,6 +144,8 @@ def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[by
                 break
             llama_raw.llama_sampler_accept(sampler.sampler, tok)
             info["completion_tokens"] += 1
+            if logprobs is not None:
+                info["tokens"].append(token_record(llm, tok, lp, logprobs, offset=len(generated)))
             piece = inputs.piece(llm, tok)
             generated += decoder.decode(piece)
             if stops:

@@ -93,7 +93,12 @@ def sampling_args(temperature, top_k, top_p, min_p, repeat_penalty, seed, freque
                 frequency_penalty=number("frequency_penalty", frequency_penalty, -2.0, 2.0),
                 presence_penalty=number("presence_penalty", presence_penalty, -2.0, 2.0),
                 logit_bias=bias, grammar=grammar, seed=seed)
+
+
 CHAT_TEMPERATURE = 0.2
+# OpenAI-shaped calls: choices per request (n; prompts x n for completions), alternatives per token (logprobs)
+MAX_N = 16
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,6 @@ def check_session_args(*, mode, n_global, n_local, dist_max, n_batch, n_ubatch, 
 
 
 __all__ = ["Mode", "MODES", "DEFAULT_MODE", "LLAMA_CPP_PYTHON", "KV_TYPES", "STORE_TYPES", "FLASH_CHOICES",
-           "Sampling", "SAMPLING", "CHAT_TEMPERATURE", "sampling_args", "TopK", "TOPK", "Session", "SESSION",
+           "Sampling", "SAMPLING", "CHAT_TEMPERATURE", "MAX_N", "MAX_LOGPROBS", "sampling_args", "TopK", "TOPK", "Session", "SESSION",
            "default_threads", "add_model_flags", "add_sampling_flags", "sampling_kwargs", "engine_kwargs",
            "ignored_options", "check_session_args"]

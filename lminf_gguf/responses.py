@@ -3,16 +3,19 @@ LMInfinite.create_completion / create_chat_completion / chat_formatter / render_
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Union
 
 from . import inputs
 from ._lib import llama_cpp, llama_raw
 from .errors import InvalidInputError
 from .generate import stop_list
+from .options import MAX_LOGPROBS, MAX_N
 
 # the fallback chat template when the GGUF file has none, or one that cannot be rendered
 CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -20,41 +23,191 @@ CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['rol
                    "{% endif %}")
 
 
-def create_completion(llm, prompt: Union[str, Sequence[int]], max_tokens: Optional[int], sampling: dict,
-                      stop: Union[str, List[str], None], stream: bool, fresh: bool,
-                      progress: Optional[Callable[[int, int], None]]):
+@dataclass
+class _Run:
+    """One choice to generate: prompt tokens, whether they start a fresh sequence, the bytes they stand for (chat
+    prefix tracking), the echoed prompt text (completions with echo) and the sampling settings."""
+    tokens: list
+    fresh: bool
+    text: Optional[bytes]
+    echo: Optional[str]
+    sampling: dict
+
+
+def _check_int(name: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidInputError(f"{name} must be an integer in [{low}, {high}], not {value!r}")
+    return value
+
+
+def include_usage(stream: bool, stream_options: Optional[dict]) -> bool:
+    """OpenAI's stream_options ({"include_usage": bool}); only with stream=True."""
+    if stream_options is None:
+        return False
+    if not stream:
+        raise InvalidInputError("stream_options is only allowed with stream=True")
+    if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"} or \
+            not isinstance(stream_options.get("include_usage", False), bool):
+        raise InvalidInputError("stream_options must be {'include_usage': true|false}")
+    return stream_options.get("include_usage", False)
+
+
+def _seeded(sampling: dict, i: int) -> dict:
+    """The sampling settings of choice i: a given seed advances by i, so that n choices differ and repeat."""
+    if i == 0 or sampling.get("seed") is None:
+        return sampling
+    return dict(sampling, seed=(sampling["seed"] + i) % 2**32)
+
+
+def _prompts(prompt) -> list:
+    """A completion prompt as a list of prompts: a string or a list of token ids is one prompt; a list of strings
+    or of token-id lists is several (one choice each, OpenAI's batch form)."""
+    if isinstance(prompt, (str, bytes)):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, (str, list, tuple)) for p in prompt):
+        return list(prompt)
+    return [prompt]
+
+
+def _text_offsets(records, base: int = 0) -> None:
+    """Character offsets of prompt token records (in place), as the prompt text decodes."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    at = base
+    for rec in records:
+        rec["offset"] = at
+        at += len(decoder.decode(rec["bytes"]))
+
+
+def _events(llm, runs: List[_Run], max_tokens, stops, progress, logprobs: Optional[int], usage: dict):
+    """Generate the runs one after another; yield (index, text, records, finish_reason): text pieces with the
+    token records whose text starts in them, then (index, "", [...], finish_reason) once per choice. usage gets
+    the prompt tokens evaluated and the tokens generated, all choices together."""
+    for index, run in enumerate(runs):
+        info: dict = {}
+        echo_logprobs = run.echo is not None and logprobs is not None
+        gen = llm._generate(run.tokens, run.fresh, max_tokens, run.sampling, stops, progress, run.text, info,
+                            logprobs=logprobs, prompt_logprobs=echo_logprobs)
+        records: list = []
+        taken = done = 0
+        try:
+            first = next(gen, None)  # evaluates the prompt
+            if run.echo is not None:
+                prompt_records = info.get("prompt", [])
+                _text_offsets(prompt_records)
+                yield index, run.echo, prompt_records, None
+                done = len(run.echo)
+            stream = gen if first is None else _chain(first, gen)
+            for piece in stream:
+                records = info.get("tokens", [])
+                new = []
+                base = done - (len(run.echo) if run.echo is not None else 0)
+                while taken < len(records) and records[taken]["offset"] < base + len(piece):
+                    new.append(records[taken])
+                    taken += 1
+                done += len(piece)
+                yield index, piece, _shifted(new, run.echo), None
+        finally:
+            gen.close()
+            usage["prompt_tokens"] += info.get("prompt_tokens", 0)
+            usage["completion_tokens"] += info.get("completion_tokens", 0)
+        yield index, "", [], info.get("finish_reason", "cancelled")
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _shifted(records, echo: Optional[str]) -> list:
+    if not echo:
+        return records
+    return [dict(r, offset=r["offset"] + len(echo)) for r in records]
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", errors="replace")
+
+
+def completion_logprobs(records) -> Optional[dict]:
+    """Token records in the logprobs shape of OpenAI's completions (and llama-cpp-python's)."""
+    return {"tokens": [_text(r["bytes"]) for r in records],
+            "text_offset": [r["offset"] for r in records],
+            "token_logprobs": [r["logprob"] for r in records],
+            "top_logprobs": [None if r["logprob"] is None else {_text(b): lp for _, lp, b in r["top"]}
+                             for r in records]}
+
+
+def chat_logprobs(records) -> dict:
+    """Token records in the logprobs shape of OpenAI's chat completions."""
+    return {"content": [{"token": _text(r["bytes"]), "logprob": r["logprob"], "bytes": list(r["bytes"]),
+                         "top_logprobs": [{"token": _text(b), "logprob": lp, "bytes": list(b)}
+                                          for _, lp, b in r["top"]]} for r in records],
+            "refusal": None}
+
+
+def _usage(usage: dict) -> dict:
+    return dict(usage, total_tokens=usage["prompt_tokens"] + usage["completion_tokens"])
+
+
+def create_completion(llm, prompt, max_tokens: Optional[int], sampling: dict, stop: Union[str, List[str], None],
+                      stream: bool, fresh: bool, progress: Optional[Callable[[int, int], None]], n: int = 1,
+                      logprobs: Optional[int] = None, echo: bool = False, stream_options: Optional[dict] = None):
     """Text completion with the dict shape of llama_cpp.Llama.create_completion ("text_completion"; with
-    stream=True an iterator of chunks, the last one with text "" and the finish_reason).
+    stream=True an iterator of chunks, each choice ending with a chunk of text "" and its finish_reason).
 
     The prompt is evaluated in a fresh sequence unless fresh=False (then it is appended to the current
-    one; an empty prompt continues it). max_tokens None or <= 0: up to n_local tokens. finish_reason is
-    "stop" (end of generation token or stop string), "length", or "cancelled" (see cancel()).
+    one; an empty prompt continues it). A list of strings (or of token-id lists) is several prompts, each with
+    its n choices (index = prompt * n + choice). max_tokens None or <= 0: up to n_local tokens. finish_reason is
+    "stop" (end of generation token or stop string), "length", or "cancelled" (see cancel()). logprobs=k gives
+    each token's log-probability and its k most likely alternatives; echo=True puts the prompt in front of the
+    text (with logprobs, its tokens' too, the first one None). n choices are generated one after another (a
+    given seed advances by one per choice). stream_options={"include_usage": True} ends a stream with a chunk
+    of usage and no choices.
     """
     llm._cancel.clear()
-    tokens = llm._prompt_tokens(prompt, fresh)
-    if not tokens and fresh:
-        raise InvalidInputError("empty prompt")
-    info: dict = {}
-    pieces = llm._generate(tokens, fresh, max_tokens, sampling, stop_list(stop), progress, None, info)
+    n = _check_int("n", n, 1, MAX_N)
+    if logprobs is not None:
+        _check_int("logprobs", logprobs, 0, MAX_LOGPROBS)
+    with_usage = include_usage(stream, stream_options)
+    prompts = _prompts(prompt)
+    if (len(prompts) > 1 or n > 1) and not fresh:
+        raise InvalidInputError("several prompts or n > 1 need fresh=True")
+    runs = []
+    for p in prompts:
+        tokens = llm._prompt_tokens(p, fresh)
+        if not tokens and fresh:
+            raise InvalidInputError("empty prompt")
+        shown = (p if isinstance(p, str) else llm.detokenize(tokens)) if echo else None
+        runs += [_Run(tokens, fresh, None, shown, _seeded(sampling, i)) for i in range(n)]
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    events = _events(llm, runs, max_tokens, stop_list(stop), progress, logprobs, usage)
     cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
+    head = {"id": cid, "object": "text_completion", "created": created, "model": llm.model_name}
     if stream:
-        return completion_chunks(llm, pieces, info, cid, created)
-    text = "".join(pieces)
-    return {
-        "id": cid, "object": "text_completion", "created": created, "model": llm.model_name,
-        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": info["finish_reason"]}],
-        "usage": {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
-                  "total_tokens": info["prompt_tokens"] + info["completion_tokens"]},
-    }
+        return _completion_chunks(head, events, logprobs is not None, usage if with_usage else None)
+    choices = [{"text": "", "index": i, "logprobs": [] if logprobs is not None else None, "finish_reason": None}
+               for i in range(len(runs))]
+    for index, text, records, finish in events:
+        c = choices[index]
+        c["text"] += text
+        if logprobs is not None:
+            c["logprobs"] += records
+        if finish is not None:
+            c["finish_reason"] = finish
+    for c in choices:
+        if c["logprobs"] is not None:
+            c["logprobs"] = completion_logprobs(c["logprobs"])
+    return dict(head, choices=choices, usage=_usage(usage))
 
 
-def completion_chunks(llm, pieces, info, cid, created):
-    def chunk(text, finish):
-        return {"id": cid, "object": "text_completion", "created": created, "model": llm.model_name,
-                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
-    for piece in pieces:
-        yield chunk(piece, None)
-    yield chunk("", info["finish_reason"])
+def _completion_chunks(head: dict, events, with_logprobs: bool, usage: Optional[dict]):
+    for index, text, records, finish in events:
+        if text or finish is not None:
+            choice = {"text": text, "index": index,
+                      "logprobs": completion_logprobs(records) if with_logprobs else None, "finish_reason": finish}
+            yield dict(head, choices=[choice], **({"usage": None} if usage is not None else {}))
+    if usage is not None:
+        yield dict(head, choices=[], usage=_usage(usage))
 
 
 def chat_formatter(llm):
@@ -95,46 +248,82 @@ def render_chat(llm, messages: List[dict]) -> str:
 
 
 def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int], sampling: dict,
-                           stop: Union[str, List[str], None], stream: bool):
+                           stop: Union[str, List[str], None], stream: bool, n: int = 1,
+                           logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None,
+                           stream_options: Optional[dict] = None):
     """Chat completion with the dict shape of llama_cpp.Llama.create_chat_completion ("chat.completion";
-    with stream=True "chat.completion.chunk" dicts: a first delta {"role": "assistant"}, then {"content"},
-    then {} with the finish_reason).
+    with stream=True "chat.completion.chunk" dicts: per choice a first delta {"role": "assistant"}, then
+    {"content"}, then {} with the finish_reason).
 
     The conversation stays in the sequence: when the newly rendered prompt extends the text the sequence
     already holds (the previous prompt plus the reply as generated), only the new part is evaluated;
     otherwise the prompt is evaluated from scratch. The KV cache stays bounded however long the history.
     usage.prompt_tokens counts the tokens evaluated by this call (the new part only, when reused). The
     template is the GGUF tokenizer.chat_template, or CHATML_TEMPLATE when there is none or it fails.
+    n choices are generated one after another (the first may reuse the held prefix, the others evaluate the
+    prompt again; the sequence then holds the last one). logprobs=True gives each content token's
+    log-probability, top_logprobs (0..20) its most likely alternatives; stream_options as in create_completion.
     """
     if not messages:
         raise InvalidInputError("messages must not be empty")
     llm._cancel.clear()
+    n = _check_int("n", n, 1, MAX_N)
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise InvalidInputError(f"logprobs must be true or false for chat, not {logprobs!r}")
+    if top_logprobs is not None:
+        _check_int("top_logprobs", top_logprobs, 0, MAX_LOGPROBS)
+        if not logprobs:
+            raise InvalidInputError("top_logprobs needs logprobs=True")
+    k = (top_logprobs or 0) if logprobs else None
+    with_usage = include_usage(stream, stream_options)
     prompt = render_chat(llm, list(messages))
     data = prompt.encode("utf-8", errors="replace")
     spans = content_spans(data, messages)
     held = llm._text
+    runs = []
     if held is not None and len(data) > len(held) and data.startswith(bytes(held)):
-        tokens = tokenize_chat(llm, data, len(held), spans, False)
-        fresh, text = False, data[len(held):]
-    else:
+        runs.append(_Run(tokenize_chat(llm, data, len(held), spans, False), False, data[len(held):], None, sampling))
+    if len(runs) < n:
         add_bos = not (llm._bos_text and prompt.startswith(llm._bos_text))
         tokens = tokenize_chat(llm, data, 0, spans, add_bos)
-        fresh, text = True, data
-    info: dict = {}
+        runs += [_Run(tokens, True, data, None, _seeded(sampling, i)) for i in range(len(runs), n)]
     stops = stop_list(stop) + ["<|im_end|>"] * (llm._template_source != "gguf")
-    pieces = llm._generate(tokens, fresh, max_tokens, sampling, stops, None, text, info)
-    cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
-    _convert_completion_to_chat = llama_cpp.llama_chat_format._convert_completion_to_chat
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    events = _events(llm, runs, max_tokens, stops, None, k, usage)
+    head = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": llm.model_name}
     if stream:
-        return _convert_completion_to_chat(completion_chunks(llm, pieces, info, cid, created), stream=True)
-    reply = "".join(pieces)
-    completion = {
-        "id": cid, "object": "text_completion", "created": created, "model": llm.model_name,
-        "choices": [{"text": reply, "index": 0, "logprobs": None, "finish_reason": info["finish_reason"]}],
-        "usage": {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
-                  "total_tokens": info["prompt_tokens"] + info["completion_tokens"]},
-    }
-    return _convert_completion_to_chat(completion, stream=False)
+        return _chat_chunks(head, events, k is not None, usage if with_usage else None)
+    choices = [{"index": i, "message": {"role": "assistant", "content": ""},
+                "logprobs": [] if k is not None else None, "finish_reason": None} for i in range(n)]
+    for index, text, records, finish in events:
+        c = choices[index]
+        c["message"]["content"] += text
+        if k is not None:
+            c["logprobs"] += records
+        if finish is not None:
+            c["finish_reason"] = finish
+    for c in choices:
+        if c["logprobs"] is not None:
+            c["logprobs"] = chat_logprobs(c["logprobs"])
+    return dict(head, object="chat.completion", choices=choices, usage=_usage(usage))
+
+
+def _chat_chunks(head: dict, events, with_logprobs: bool, usage: Optional[dict]):
+    head = dict(head, object="chat.completion.chunk")
+    extra = {"usage": None} if usage is not None else {}
+    started = set()
+    for index, text, records, finish in events:
+        if index not in started:
+            started.add(index)
+            yield dict(head, choices=[{"index": index, "delta": {"role": "assistant"}, "logprobs": None,
+                                       "finish_reason": None}], **extra)
+        if text or finish is not None:
+            delta = {"content": text} if text else {}
+            yield dict(head, choices=[{"index": index, "delta": delta,
+                                       "logprobs": chat_logprobs(records) if with_logprobs and text else None,
+                                       "finish_reason": finish}], **extra)
+    if usage is not None:
+        yield dict(head, choices=[], usage=_usage(usage))
 
 
 def content_spans(data: bytes, messages) -> list:

@@ -51,7 +51,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator, Optional
 
 from .errors import CLIENT_ERRORS, ContextFullError
-from .options import CHAT_TEMPERATURE, SAMPLING, add_model_flags, engine_kwargs, ignored_options
+from .options import CHAT_TEMPERATURE, MAX_LOGPROBS, MAX_N, SAMPLING, add_model_flags, engine_kwargs, ignored_options
 
 __all__ = ["LMInfServer", "make_server", "add_parser", "cmd_serve", "MAX_BODY_BYTES", "MAX_BODIES_BYTES",
            "MAX_TOKENS_LIMIT"]
@@ -122,11 +122,11 @@ def _number(body: dict, name: str, default, low=None, high=None, integer=False, 
 # the request fields each endpoint understands; any other field is refused with a 400 that names it, so that
 # nothing a client relies on (tools, logprobs, stream_options, ...) is dropped silently. "model" and "user" are
 # accepted and ignored: one model is served, and nothing is accounted per user.
-_COMMON_FIELDS = {"model", "user", "n", "stream", "stop", "seed", "max_tokens", "max_completion_tokens",
-                  "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "frequency_penalty",
-                  "presence_penalty", "logit_bias", "logprobs"}
-COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix"}
-CHAT_FIELDS = _COMMON_FIELDS | {"messages", "response_format"}
+_COMMON_FIELDS = {"model", "user", "n", "stream", "stream_options", "stop", "seed", "max_tokens",
+                  "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
+                  "frequency_penalty", "presence_penalty", "logit_bias", "logprobs"}
+COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
+CHAT_FIELDS = _COMMON_FIELDS | {"messages", "response_format", "top_logprobs"}
 
 
 def _known_fields(body: dict, known: set) -> None:
@@ -139,16 +139,23 @@ def _known_fields(body: dict, known: set) -> None:
 def _sampling(body: dict, max_tokens_default: Optional[int], temperature_default: float,
               max_tokens_limit: int = MAX_TOKENS_LIMIT) -> dict:
     """Sampling arguments shared by both endpoints, checked and converted to create_*completion keywords."""
-    n = body.get("n", 1)
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise _bad("only 'n': 1 is supported", "n")
-    if body.get("logprobs") not in (None, False, 0):
-        raise _bad("'logprobs' is not supported", "logprobs")
+    extra = {}  # passed only when given (llama-cpp-python's keyword names)
+    n = _number(body, "n", 1, low=1, high=MAX_N, integer=True)
+    if n != 1:
+        extra["n"] = n
     stream = body.get("stream", False)
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
         raise _bad("'stream' must be a boolean", "stream")
+    options = body.get("stream_options")
+    if options is not None:
+        if not stream:
+            raise _bad("'stream_options' is only allowed with 'stream': true", "stream_options")
+        if not isinstance(options, dict) or set(options) - {"include_usage"} or \
+                not isinstance(options.get("include_usage", False), bool):
+            raise _bad("'stream_options' must be {\"include_usage\": true|false}", "stream_options")
+        extra["stream_options"] = options
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop] if stop else None
@@ -163,7 +170,6 @@ def _sampling(body: dict, max_tokens_default: Optional[int], temperature_default
         if body.get("max_tokens") is not None and body["max_tokens"] != body["max_completion_tokens"]:
             raise _bad("'max_tokens' and 'max_completion_tokens' disagree", "max_completion_tokens")
         body = dict(body, max_tokens=body["max_completion_tokens"])
-    extra = {}  # passed only when given (llama-cpp-python's keyword names)
     for name in ("frequency_penalty", "presence_penalty"):
         if body.get(name) is not None:
             extra[name] = _number(body, name, 0.0, low=-2.0, high=2.0)
@@ -190,20 +196,45 @@ def parse_completion_request(body: dict, max_tokens_limit: int = MAX_TOKENS_LIMI
     if "prompt" not in body:
         raise _bad("missing required field 'prompt'", "prompt")
     _known_fields(body, COMPLETION_FIELDS)
-    prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, list) and all(isinstance(t, str) for t in prompt):
-        raise _bad("one prompt per request: 'prompt' must be a string (or a list of one string)", "prompt")
-    if not isinstance(prompt, str):
-        raise _bad("'prompt' must be a string", "prompt")
-    if not prompt:
-        raise _bad("'prompt' is empty", "prompt")
-    if body.get("echo"):
-        raise _bad("'echo' is not supported", "echo")
+    prompt = _prompt(body["prompt"])
     if body.get("suffix"):
-        raise _bad("'suffix' is not supported", "suffix")
-    return dict(prompt=prompt, **_sampling(body, 16, SAMPLING.temperature, max_tokens_limit))
+        raise _bad("'suffix' (fill in the middle) is not supported", "suffix")
+    out = dict(prompt=prompt, **_sampling(body, 16, SAMPLING.temperature, max_tokens_limit))
+    n_prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    if n_prompts * out.get("n", 1) > MAX_N:
+        raise _bad(f"at most {MAX_N} choices per request (prompts x n)", "n")
+    best_of = _number(body, "best_of", None, low=1, integer=True)
+    if best_of is not None and best_of != out.get("n", 1):
+        raise _bad("'best_of' other than n is not supported (every generated choice is returned)", "best_of")
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise _bad("'echo' must be a boolean", "echo")
+    if echo:
+        out["echo"] = True
+    logprobs = _number(body, "logprobs", None, low=0, high=MAX_LOGPROBS, integer=True)
+    if logprobs is not None:
+        out["logprobs"] = logprobs
+    return out
+
+
+def _prompt(prompt):
+    """A completions prompt: a string, a list of token ids, or a list of several of either (OpenAI's forms)."""
+    def one(p, where):
+        if isinstance(p, str):
+            if not p:
+                raise _bad(f"{where} is empty", "prompt")
+            return p
+        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            return p
+        raise _bad(f"{where} must be a non-empty string or a non-empty list of token ids", "prompt")
+
+    if isinstance(prompt, list) and prompt and not all(isinstance(t, int) and not isinstance(t, bool)
+                                                       for t in prompt):
+        if len(prompt) > MAX_N:
+            raise _bad(f"at most {MAX_N} prompts per request", "prompt")
+        items = [one(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+        return items[0] if len(items) == 1 else items
+    return one(prompt, "'prompt'")
 
 
 def _content(message: dict, i: int) -> str:
@@ -242,9 +273,17 @@ def parse_chat_request(body: dict, max_tokens_limit: int = MAX_TOKENS_LIMIT) -> 
             raise _bad(f"messages[{i}].role must be one of {', '.join(_ROLES)}, not {json.dumps(role)[:40]}",
                        f"messages[{i}].role")
         clean.append({"role": role, "content": _content(m, i)})
-    if body.get("tools") or body.get("functions"):
-        raise _bad("tools and functions are not supported", "tools")
     out = dict(messages=clean, **_sampling(body, None, CHAT_TEMPERATURE, max_tokens_limit))
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise _bad("'logprobs' must be a boolean for chat", "logprobs")
+    top = _number(body, "top_logprobs", None, low=0, high=MAX_LOGPROBS, integer=True)
+    if top is not None and not logprobs:
+        raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    if logprobs:
+        out["logprobs"] = True
+        if top is not None:
+            out["top_logprobs"] = top
     fmt = body.get("response_format")
     if fmt is not None:
         if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
@@ -263,8 +302,10 @@ class LMInfServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, llm, host: str = "127.0.0.1", port: int = 8080, *, api_key: Optional[str] = None,
-                 model_id: Optional[str] = None, log: bool = False, max_tokens_limit: int = MAX_TOKENS_LIMIT):
+                 model_id: Optional[str] = None, log: bool = False, max_tokens_limit: int = MAX_TOKENS_LIMIT,
+                 cors_origins=()):
         self.llm = llm
+        self.cors_origins = frozenset(cors_origins or ())  # origins a browser may call from; "*": any
         self.max_tokens_limit = max_tokens_limit
         self._bodies_lock = threading.Lock()
         self._bodies_bytes = 0  # request body bytes being read now, all connections together
@@ -314,10 +355,12 @@ class LMInfServer(ThreadingHTTPServer):
 
 def make_server(llm, host: str = "127.0.0.1", port: int = 8080, *, api_key: Optional[str] = None,
                 model_id: Optional[str] = None, log: bool = False,
-                max_tokens_limit: int = MAX_TOKENS_LIMIT) -> LMInfServer:
-    """A bound server (not yet serving: call serve_forever(), e.g. in a thread); port 0 picks a free port."""
+                max_tokens_limit: int = MAX_TOKENS_LIMIT, cors_origins=()) -> LMInfServer:
+    """A bound server (not yet serving: call serve_forever(), e.g. in a thread); port 0 picks a free port.
+    cors_origins: the browser origins allowed to call it ("https://app.example", or "*" for any); none by default,
+    so that a web page cannot use a model served on the user's machine."""
     return LMInfServer(llm, host, port, api_key=api_key, model_id=model_id, log=log,
-                       max_tokens_limit=max_tokens_limit)
+                       max_tokens_limit=max_tokens_limit, cors_origins=cors_origins)
 
 
 class _ClientGone(Exception):
@@ -355,7 +398,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
-            for k, v in extra_headers:
+            for k, v in self._cors_headers() + list(extra_headers):
                 self.send_header(k, v)
             self.end_headers()
             if self.command != "HEAD":  # a HEAD response has the headers of the answer and no body
@@ -368,6 +411,21 @@ class _Handler(BaseHTTPRequestHandler):
         # the request body may not have been read (whole): do not reuse the connection
         self.close_connection = True
         self._send_json(err.status, err.body(), headers + [("Connection", "close")])
+
+    def _cors_origin(self) -> Optional[str]:
+        """The request's Origin when the server allows it (None: no Origin, or one not allowed)."""
+        origin = self.headers.get("Origin")
+        allowed = self.server.cors_origins
+        if origin and ("*" in allowed or origin in allowed):
+            return origin
+        return None
+
+    def _cors_headers(self) -> list:
+        origin = self._cors_origin()
+        if origin is None:
+            return []
+        return [("Access-Control-Allow-Origin", "*" if "*" in self.server.cors_origins else origin),
+                ("Vary", "Origin")]
 
     def _client_gone(self) -> bool:
         """True when the client has closed its end (readable with nothing to read)."""
@@ -465,6 +523,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         self._streaming = False
         route = self._route()
+        if method == "OPTIONS":
+            return self._preflight(route)
         if route.startswith("/models/") and method == "GET":
             route = "/models/{id}"
         table = self._GET if method == "GET" else self._POST if method == "POST" else {}
@@ -510,8 +570,44 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self):  # noqa: N802
         self._dispatch("HEAD")
 
-    def do_OPTIONS(self):  # noqa: N802 (no CORS yet: a preflight is refused like any other method)
+    def do_OPTIONS(self):  # noqa: N802
         self._dispatch("OPTIONS")
+
+    _CORS_HEADERS = "Authorization, Content-Type"
+
+    def _allowed_headers(self) -> str:
+        """The headers the preflight asks for (clients such as openai's add their own x-... headers), when they
+        are plain header names; else Authorization and Content-Type."""
+        asked = self.headers.get("Access-Control-Request-Headers", "")
+        if asked and len(asked) <= 1000 and all(c.isalnum() or c in "-_, " for c in asked):
+            return asked
+        return self._CORS_HEADERS
+
+    def _preflight(self, route: str) -> None:
+        """OPTIONS: a CORS preflight from an allowed origin gets 204 and the CORS grants; one from another origin
+        403 (the browser then blocks the request); without an Origin, 204 and Allow. No API key is needed: a
+        browser never sends one with a preflight."""
+        if route in self._GET or route in self._POST or route.startswith("/models/"):
+            allowed = ("GET" if route in self._GET or route.startswith("/models/") else "POST") + ", OPTIONS"
+        else:
+            return self._send_error(RequestError(404, f"unknown path {self.path}", code="not_found"))
+        origin = self.headers.get("Origin")
+        if origin and self._cors_origin() is None:
+            return self._send_error(RequestError(
+                403, f"origin {origin[:100]!r} is not allowed to call this server (lminf serve --cors-origin)",
+                code="origin_not_allowed"))
+        headers = [("Allow", allowed), ("Content-Length", "0")]
+        if origin:
+            headers += [("Access-Control-Allow-Methods", allowed),
+                        ("Access-Control-Allow-Headers", self._allowed_headers()),
+                        ("Access-Control-Max-Age", "600")]
+        try:
+            self.send_response(204)
+            for k, v in self._cors_headers() + headers:
+                self.send_header(k, v)
+            self.end_headers()
+        except _DISCONNECTS:
+            self.close_connection = True
 
     # -- endpoints ---------------------------------------------------------------------------------------------
 
@@ -600,6 +696,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.send_header("X-Accel-Buffering", "no")
+        for k, v in self._cors_headers():
+            self.send_header(k, v)
         self.end_headers()
         self._streaming = True
         self.close_connection = True  # the body ends when the connection closes
@@ -672,6 +770,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' (default: $LMINF_API_KEY, else no check)")
     p.add_argument("--alias", help="model id reported by the API (default: the model file name)")
     p.add_argument("--quiet", action="store_true", help="do not log requests")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000; '*' for any) call the server from a "
+                        "browser (CORS); repeat for several. Default: none")
     p.add_argument("--max-tokens-limit", type=int, default=MAX_TOKENS_LIMIT,
                    help=f"largest max_tokens a request may ask for (default {MAX_TOKENS_LIMIT}; a request holds the "
                         "model while it generates)")
@@ -691,7 +792,8 @@ def cmd_serve(args) -> int:
     llm = LMInfinite(args.model, **engine_kwargs(args))
     try:
         server = make_server(llm, args.host, args.port, api_key=args.api_key, model_id=args.alias,
-                             log=not args.quiet, max_tokens_limit=args.max_tokens_limit)
+                             log=not args.quiet, max_tokens_limit=args.max_tokens_limit,
+                             cors_origins=args.cors_origin)
     except OSError:
         llm.close()
         raise

@@ -223,7 +223,15 @@ def test_fake_streaming_chat(fake):
     ("/v1/completions", {}, "prompt"),
     ("/v1/completions", {"prompt": 3}, "prompt"),
     ("/v1/completions", {"prompt": ""}, "prompt"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"prompt": ["a", 5]}, "prompt"),
+    ("/v1/completions", {"prompt": ["a", ""]}, "prompt"),
+    ("/v1/completions", {"prompt": [[]]}, "prompt"),
+    ("/v1/completions", {"prompt": ["a"] * 17}, "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"], "n": 9}, "n"),
+    ("/v1/completions", {"prompt": "a", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "echo": "yes"}, "echo"),
+    ("/v1/completions", {"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/completions", {"prompt": "a", "stream": True, "stream_options": {"usage": True}}, "stream_options"),
     ("/v1/completions", {"prompt": "a", "max_tokens": "8"}, "max_tokens"),
     ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"prompt": "a", "max_tokens": 2.5}, "max_tokens"),
@@ -232,7 +240,11 @@ def test_fake_streaming_chat(fake):
     ("/v1/completions", {"prompt": "a", "top_p": 2}, "top_p"),
     ("/v1/completions", {"prompt": "a", "stop": [1]}, "stop"),
     ("/v1/completions", {"prompt": "a", "stream": "yes"}, "stream"),
-    ("/v1/completions", {"prompt": "a", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "a", "n": 17}, "n"),
+    ("/v1/completions", {"prompt": "a", "n": 0}, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 2}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 21}, "top_logprobs"),
     ("/v1/chat/completions", {}, "messages"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": "hi"}, "messages"),
@@ -259,7 +271,6 @@ def test_fake_bad_requests(fake):
     assert_error(*srv.json("POST", "/v2/completions", {"prompt": "a"}), 404)
     assert_error(*srv.json("GET", "/v1/completions"), 405)
     assert_error(*srv.json("POST", "/v1/models", {}), 405)
-    assert_error(*srv.json("OPTIONS", "/v1/models"), 405)  # no CORS: a preflight is refused, with Allow
     # the engine's InvalidInputError is the client's fault, also when streaming (before any byte is sent)
     assert_error(*srv.json("POST", "/v1/completions", {"prompt": "explode"}), 400)
     assert_error(*srv.json("POST", "/v1/completions", {"prompt": "explode", "stream": True}), 400)
@@ -577,10 +588,9 @@ def test_fake_max_tokens_is_capped(fake):
     assert srv.json("POST", "/v1/completions", {"prompt": "a", "max_tokens": 3})[0] == 200
 
 
-def test_fake_head_and_options_get_405_with_allow_and_no_body(fake):
+def test_fake_head_gets_405_with_allow_and_no_body(fake):
     srv, _ = fake
-    for method, path, allowed in (("HEAD", "/v1/models", "GET"), ("OPTIONS", "/v1/completions", "POST"),
-                                  ("HEAD", "/v1/chat/completions", "POST")):
+    for method, path, allowed in (("HEAD", "/v1/models", "GET"), ("HEAD", "/v1/chat/completions", "POST")):
         raw = _raw(srv, f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         head, _, body = raw.partition(b"\r\n\r\n")
         lines = head.split(b"\r\n")
@@ -659,3 +669,47 @@ def test_fake_unknown_fields_are_refused_by_name(fake):
     assert body["error"]["param"] == "best_of"
     # model and user are accepted (one model is served; nothing is accounted per user)
     assert srv.json("POST", "/v1/chat/completions", {**chat, "model": "x", "user": "u"})[0] == 200
+
+
+def _headers(raw: bytes) -> tuple:
+    head = raw.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    return int(head[0].split(" ")[1]), {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
+
+
+def test_fake_cors_preflight_and_origins():
+    """CORS: origins are allowed only when configured; a preflight needs no API key; others get no grant."""
+    llm = FakeLLM()
+    srv = Running(llm, api_key="k", cors_origins=["http://app.local"])
+    try:
+        pre = ("OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: {}\r\n"
+               "Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, "
+               "content-type, x-stainless-os\r\n\r\n")
+        status, h = _headers(_raw(srv, pre.format("http://app.local").encode()))
+        assert status == 204 and h["access-control-allow-origin"] == "http://app.local"
+        assert "POST" in h["access-control-allow-methods"] and "x-stainless-os" in h["access-control-allow-headers"]
+        status, h = _headers(_raw(srv, pre.format("http://evil.local").encode()))
+        assert status == 403 and "access-control-allow-origin" not in h
+        # without an Origin: a plain OPTIONS, answered with Allow
+        status, h = _headers(_raw(srv, b"OPTIONS /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert status == 204 and h["allow"] == "GET, OPTIONS"
+        status, h = _headers(_raw(srv, b"OPTIONS /v1/nothing HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert status == 404
+        # the actual request carries the grant for the allowed origin only (errors too, so a page can read them)
+        for origin, granted in (("http://app.local", True), ("http://evil.local", False)):
+            req = (f"GET /v1/models HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\nAuthorization: Bearer k\r\n"
+                   "Connection: close\r\n\r\n")
+            status, h = _headers(_raw(srv, req.encode()))
+            assert status == 200 and ("access-control-allow-origin" in h) == granted
+            status, h = _headers(_raw(srv, req.replace("Bearer k", "Bearer no").encode()))
+            assert status == 401 and ("access-control-allow-origin" in h) == granted
+    finally:
+        srv.stop()
+    # "*" grants any origin; no configuration grants none
+    for origins, granted in ((["*"], "*"), ([], None)):
+        srv = Running(FakeLLM(), cors_origins=origins)
+        try:
+            req = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nOrigin: http://a.b\r\nConnection: close\r\n\r\n"
+            status, h = _headers(_raw(srv, req))
+            assert status == 200 and h.get("access-control-allow-origin") == granted
+        finally:
+            srv.stop()
