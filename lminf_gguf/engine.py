@@ -369,6 +369,10 @@ class LMInfinite:
         """The prompt for messages: the model's chat template (falling back to ChatML when it fails)."""
         return responses.render_chat(self, messages)
 
+    def held_prefix(self, messages: List[dict]) -> int:
+        """Bytes of the rendered conversation this session already holds (0: a chat would start afresh)."""
+        return responses.held_prefix(self, messages)
+
     def create_chat_completion(self, messages: List[dict], max_tokens: Optional[int] = None,
                                temperature: float = CHAT_TEMPERATURE, top_p: float = SAMPLING.top_p,
                                top_k: int = SAMPLING.top_k, min_p: float = SAMPLING.min_p,

@@ -247,6 +247,19 @@ def render_chat(llm, messages: List[dict]) -> str:
         return Jinja2ChatFormatter(CHATML_TEMPLATE, eos_token="", bos_token="")(messages=messages).prompt
 
 
+def held_prefix(llm, messages: List[dict]) -> int:
+    """Bytes of the rendered conversation that the sequence already holds (0: a chat would start afresh); reads
+    only, so that a server can pick the slot that holds a conversation before taking it."""
+    held = llm._text
+    if held is None or not messages:
+        return 0
+    try:
+        data = render_chat(llm, list(messages)).encode("utf-8", errors="replace")
+    except Exception:  # noqa: BLE001 (the request itself will report a template that fails)
+        return 0
+    return len(held) if len(data) > len(held) and data.startswith(bytes(held)) else 0
+
+
 def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int], sampling: dict,
                            stop: Union[str, List[str], None], stream: bool, n: int = 1,
                            logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None,

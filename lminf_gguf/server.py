@@ -10,7 +10,7 @@ Endpoints
   GET  /v1/models            the one model served; GET /v1/models/{id} that model (404 for any other id)
   POST /tokenize             {"content": "...", "add_special": false} -> {"tokens": [...]}
   POST /detokenize           {"tokens": [...]} -> {"content": "..."}
-  GET  /health               {"status": "ok"}
+  GET  /health               {"status": "ok", "slots_idle": n, "slots_processing": m}
 The same paths without the /v1 prefix are accepted too. "stream": true answers with Server-Sent Events,
 `data: {chunk}` per piece and `data: [DONE]` at the end. Request fields: max_tokens (or max_completion_tokens),
 temperature, top_p, top_k, min_p, repeat_penalty, frequency_penalty, presence_penalty, logit_bias, seed, stop,
@@ -19,11 +19,14 @@ model and user are accepted and ignored, and any other field is refused with a 4
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with status 400, 401, 404, 405, 413
 or 500.
 
-Concurrency: one server holds one LMInfinite, i.e. one llama.cpp context, which is single-threaded. Requests
-are accepted concurrently (one thread each) but generation is serialised by a lock: a request waits until the
-one before it has finished. A client that disconnects stops its generation at the next token or prompt batch
-(LMInfinite.cancel, or the failed write of a stream) and so frees the lock; one that disconnects while waiting
-is skipped. (A client that half-closes its connection after sending the request counts as disconnected.)
+Concurrency: the server holds N slots (lminf serve --parallel N, default 1), N LMInfinite sessions over one
+shared model, each a llama.cpp context with its own sinks, window and bounded cache (slots.py). Requests are
+accepted concurrently (one thread each); each takes a free slot, preferring the one that already holds the
+conversation it continues, and with none free waits its turn (first come, first served). A client that
+disconnects stops its generation at the next token or prompt batch (LMInfinite.cancel, or the failed write of a
+stream) and so frees its slot; one that disconnects while waiting is skipped. (A client that half-closes its
+connection after sending the request counts as disconnected.) Slots run in parallel threads: each gets
+--threads CPU threads (default: the default thread count divided among the slots, at least one).
 
 A prompt or conversation of any length is accepted: in the LM-Infinite modes the model keeps reading past its
 window with bounded memory ("vanilla" mode answers 400 when the context is full). Completions start a fresh
@@ -51,7 +54,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator, Optional
 
 from .errors import CLIENT_ERRORS, ContextFullError
-from .options import CHAT_TEMPERATURE, MAX_LOGPROBS, MAX_N, SAMPLING, add_model_flags, engine_kwargs, ignored_options
+from .options import (CHAT_TEMPERATURE, MAX_LOGPROBS, MAX_N, SAMPLING, add_model_flags, default_threads,
+                      engine_kwargs, ignored_options)
+from .slots import SlotPool, open_sessions
 
 __all__ = ["LMInfServer", "make_server", "add_parser", "cmd_serve", "MAX_BODY_BYTES", "MAX_BODIES_BYTES",
            "MAX_TOKENS_LIMIT"]
@@ -296,7 +301,7 @@ def parse_chat_request(body: dict, max_tokens_limit: int = MAX_TOKENS_LIMIT) -> 
 # -- server -----------------------------------------------------------------------------------------------------
 
 class LMInfServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer holding one LMInfinite (llm) and the lock that serialises its use."""
+    """ThreadingHTTPServer over one LMInfinite or a SlotPool of several (llm)."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -304,14 +309,15 @@ class LMInfServer(ThreadingHTTPServer):
     def __init__(self, llm, host: str = "127.0.0.1", port: int = 8080, *, api_key: Optional[str] = None,
                  model_id: Optional[str] = None, log: bool = False, max_tokens_limit: int = MAX_TOKENS_LIMIT,
                  cors_origins=()):
-        self.llm = llm
+        # one session, or a SlotPool of several over one model (lminf serve --parallel N)
+        self.pool = llm if isinstance(llm, SlotPool) else SlotPool([llm])
+        self.llm = self.pool.sessions[0]
         self.cors_origins = frozenset(cors_origins or ())  # origins a browser may call from; "*": any
         self.max_tokens_limit = max_tokens_limit
         self._bodies_lock = threading.Lock()
         self._bodies_bytes = 0  # request body bytes being read now, all connections together
-        self.lock = threading.Lock()
         self.api_key = api_key or None
-        path = getattr(llm, "model_path", None) or "lminf"
+        path = getattr(self.llm, "model_path", None) or "lminf"
         self.model_id = model_id or os.path.basename(str(path))
         self.created = int(time.time())
         self.log = log
@@ -340,17 +346,21 @@ class LMInfServer(ThreadingHTTPServer):
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def close_llm(self, timeout: float = 30.0) -> bool:
-        """Stop streams at their next piece, wait for the one running request, close the model."""
+        """Stop streams at their next piece, wait for the running requests, close the sessions (and the model)."""
         self.stopping.set()
-        if not self.lock.acquire(timeout=timeout):
-            return False
+        return self.pool.close(timeout)
+
+    @contextlib.contextmanager
+    def session(self, handler: "_Handler", score=None):
+        """A free session for handler's request (503 when the server stops, _ClientGone when the client leaves
+        while waiting)."""
         try:
-            close = getattr(self.llm, "close", None)
-            if close:
-                close()
-        finally:
-            self.lock.release()
-        return True
+            with self.pool.acquire(score, give_up=lambda: self.stopping.is_set() or handler._client_gone()) as llm:
+                yield llm
+        except TimeoutError:
+            if self.stopping.is_set():
+                raise RequestError(503, "the server is shutting down", code="unavailable") from None
+            raise _ClientGone() from None
 
 
 def make_server(llm, host: str = "127.0.0.1", port: int = 8080, *, api_key: Optional[str] = None,
@@ -374,7 +384,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "lminf"
     # seconds a socket operation may block: idle keep-alive connections and clients that stop reading a stream
-    # are dropped after this (a stalled stream then frees the lock like a disconnect)
+    # are dropped after this (a stalled stream then frees its slot like a disconnect)
     timeout = 600
     server: LMInfServer
 
@@ -612,7 +622,9 @@ class _Handler(BaseHTTPRequestHandler):
     # -- endpoints ---------------------------------------------------------------------------------------------
 
     def _health(self) -> None:
-        self._send_json(200, {"status": "ok"})
+        """{"status": "ok", "slots_idle", "slots_processing"} (llama.cpp server's fields)."""
+        busy = self.server.pool.busy()
+        self._send_json(200, {"status": "ok", "slots_idle": len(self.server.pool) - busy, "slots_processing": busy})
 
     def _models(self) -> None:
         s = self.server
@@ -633,8 +645,8 @@ class _Handler(BaseHTTPRequestHandler):
         text, add = body.get("content"), body.get("add_special", False)
         if not isinstance(text, str) or not isinstance(add, bool):
             raise _bad("'content' must be a string and 'add_special' a boolean", "content")
-        with self.server.lock, _engine_errors():
-            tokens = self.server.llm.tokenize(text, add_bos=add)
+        with self.server.session(self) as llm, _engine_errors():
+            tokens = llm.tokenize(text, add_bos=add)
         self._send_json(200, {"tokens": tokens})
 
     def _detokenize(self) -> None:
@@ -643,8 +655,8 @@ class _Handler(BaseHTTPRequestHandler):
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             raise _bad("'tokens' must be a list of integers", "tokens")
-        with self.server.lock, _engine_errors():
-            text = self.server.llm.detokenize(tokens)
+        with self.server.session(self) as llm, _engine_errors():
+            text = llm.detokenize(tokens)
         self._send_json(200, {"content": text})
 
     def _completions(self) -> None:
@@ -657,13 +669,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _run(self, method: str, kwargs: dict) -> None:
         s = self.server
-        with s.lock:
+        score = None
+        if method == "create_chat_completion":  # the slot that holds this conversation, if one does
+            def score(llm):
+                held = getattr(llm, "held_prefix", None)
+                return held(kwargs["messages"]) if held else 0
+        with s.session(self, score) as llm:
             if s.stopping.is_set():
                 raise RequestError(503, "the server is shutting down", code="unavailable")
             if self._client_gone():
                 raise _ClientGone()
-            create = getattr(s.llm, method)
-            with _Watch(self):
+            create = getattr(llm, method)
+            with _Watch(self, llm):
                 if not kwargs["stream"]:
                     result = self._call(create, kwargs)
                     self._send_json(200, self._named(result))
@@ -674,7 +691,7 @@ class _Handler(BaseHTTPRequestHandler):
                 finally:
                     close = getattr(chunks, "close", None)
                     if close:
-                        close()  # stops the generation (GeneratorExit) while the lock is still held
+                        close()  # stops the generation (GeneratorExit) while the slot is still held
 
     @staticmethod
     def _call(create, kwargs):
@@ -726,9 +743,9 @@ class _Watch:
 
     POLL_S = 0.1
 
-    def __init__(self, handler: _Handler):
+    def __init__(self, handler: _Handler, llm):
         self.handler = handler
-        self.cancel = getattr(handler.server.llm, "cancel", None)
+        self.cancel = getattr(llm, "cancel", None)
         self.done = threading.Event()
         self.thread = None
 
@@ -760,8 +777,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `lminf serve` on an argparse subparsers object."""
     p = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models)",
-        description="Serve one model over an OpenAI-compatible HTTP API. Requests are handled one at a time "
-                    "(one llama.cpp context); conversations longer than the window are read with LM-Infinite.")
+        description="Serve one model over an OpenAI-compatible HTTP API. --parallel N slots answer N requests at "
+                    "once (one llama.cpp context each, one copy of the weights); conversations longer than the "
+                    "window are read with LM-Infinite.")
     add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
@@ -773,6 +791,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000; '*' for any) call the server from a "
                         "browser (CORS); repeat for several. Default: none")
+    p.add_argument("--parallel", "-np", type=int, default=1, metavar="N",
+                   help="slots: N conversations served at once, each with its own bounded cache, on one copy of the "
+                        "weights (default 1); --threads is then per slot (default: the default divided among them)")
     p.add_argument("--max-tokens-limit", type=int, default=MAX_TOKENS_LIMIT,
                    help=f"largest max_tokens a request may ask for (default {MAX_TOKENS_LIMIT}; a request holds the "
                         "model while it generates)")
@@ -789,13 +810,22 @@ def cmd_serve(args) -> int:
         sys.stderr.write(f"lminf: warning: {warning}\n")
     if args.max_tokens_limit < 1:
         raise ValueError(f"--max-tokens-limit must be >= 1, not {args.max_tokens_limit}")
-    llm = LMInfinite(args.model, **engine_kwargs(args))
+    if args.parallel < 1:
+        raise ValueError(f"--parallel must be >= 1, not {args.parallel}")
+    kwargs = engine_kwargs(args)
+    if args.parallel == 1:
+        llm = target = LMInfinite(args.model, **kwargs)
+    else:
+        if kwargs["n_threads"] is None:  # the slots decode at once: together no more threads than one would use
+            kwargs["n_threads"] = max(1, default_threads() // args.parallel)
+        target = open_sessions(args.model, args.parallel, **kwargs)
+        llm = target.sessions[0]
     try:
-        server = make_server(llm, args.host, args.port, api_key=args.api_key, model_id=args.alias,
+        server = make_server(target, args.host, args.port, api_key=args.api_key, model_id=args.alias,
                              log=not args.quiet, max_tokens_limit=args.max_tokens_limit,
                              cors_origins=args.cors_origin)
     except OSError:
-        llm.close()
+        target.close() if isinstance(target, SlotPool) else llm.close()
         raise
 
     def _terminate(signum, frame):
@@ -803,7 +833,8 @@ def cmd_serve(args) -> int:
 
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
         else None
-    sys.stderr.write(f"lminf: serving {server.model_id} ({llm.mode}, G = {llm.n_global}, L = {llm.n_local}) "
+    sys.stderr.write(f"lminf: serving {server.model_id} ({llm.mode}, G = {llm.n_global}, L = {llm.n_local}, "
+                     f"{args.parallel} slot{'s' * (args.parallel > 1)}) "
                      f"on {server.url}/v1 {'(API key required) ' if server.api_key else ''}- Ctrl-C to stop\n")
     sys.stderr.flush()
     try:

@@ -21,6 +21,7 @@ from conftest import N_GPU_LAYERS, needs_default_model, DEFAULT_MODEL
 
 import lminf_gguf
 from lminf_gguf.server import make_server
+from lminf_gguf.slots import SlotPool, open_sessions
 
 needs_model = needs_default_model
 
@@ -85,11 +86,11 @@ class Running:
 
 
 def wait_unlocked(srv, timeout=10.0):
-    """The lock is released just after the response is sent: give the handler thread a moment."""
+    """A slot is released just after the response is sent: give the handler thread a moment."""
     deadline = time.time() + timeout
-    while srv.server.lock.locked() and time.time() < deadline:
+    while srv.server.pool.busy() and time.time() < deadline:
         time.sleep(0.01)
-    return not srv.server.lock.locked()
+    return not srv.server.pool.busy()
 
 
 def assert_error(status, body, want_status):
@@ -192,7 +193,7 @@ def fake():
 
 def test_fake_models_health_and_completion(fake):
     srv, llm = fake
-    assert srv.json("GET", "/health") == (200, {"status": "ok"})
+    assert srv.json("GET", "/health") == (200, {"status": "ok", "slots_idle": 1, "slots_processing": 0})
     status, models = srv.json("GET", "/v1/models")
     assert status == 200 and models["object"] == "list" and models["data"][0]["id"] == "fake.gguf"
     status, out = srv.json("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 3, "stop": "x",
@@ -492,11 +493,14 @@ def rss_mb() -> float:
 
 
 @needs_model
-def test_load_eight_streaming_clients_with_disconnects():
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_load_eight_streaming_clients_with_disconnects(parallel):
     """200 streamed completions from 8 concurrent clients, every fifth dropped after its first event: no error,
-    the server stays healthy, and the process RSS stays flat after warm-up."""
-    llm = lminf_gguf.LMInfinite(DEFAULT_MODEL, n_local=128, n_batch=32, n_threads=2, n_gpu_layers=N_GPU_LAYERS)
-    srv = Running(llm)
+    the server stays healthy, and the process RSS stays flat after warm-up; with one slot and with four."""
+    pool = open_sessions(DEFAULT_MODEL, parallel, n_local=128, n_batch=32, n_threads=max(1, 2 // parallel),
+                         n_gpu_layers=N_GPU_LAYERS)
+    llm = pool
+    srv = Running(pool)
     counts = {"done": 0, "dropped": 0}
     errors, rss = [], {}
     lock = threading.Lock()
@@ -529,7 +533,8 @@ def test_load_eight_streaming_clients_with_disconnects():
         rss["end"] = rss_mb()
         assert not errors, errors[:5]
         assert counts == {"done": 160, "dropped": 40}
-        assert srv.json("GET", "/health")[0] == 200
+        assert wait_unlocked(srv)  # dropped requests free their slot when their handler notices
+        assert srv.json("GET", "/health") == (200, {"status": "ok", "slots_idle": parallel, "slots_processing": 0})
         assert rss["end"] - rss["warm"] < 0.05 * rss["warm"], rss
     finally:
         srv.stop()
@@ -713,3 +718,78 @@ def test_fake_cors_preflight_and_origins():
             assert status == 200 and h.get("access-control-allow-origin") == granted
         finally:
             srv.stop()
+
+
+class BarrierLLM(FakeLLM):
+    """A fake whose completions wait until `parties` of them run at once (a serialising server never gets there)."""
+
+    def __init__(self, barrier):
+        super().__init__()
+        self.barrier = barrier
+
+    def create_completion(self, prompt, **kw):
+        self.barrier.wait(timeout=30)  # BrokenBarrierError (a 500) unless the requests overlap
+        return super().create_completion(prompt, **kw)
+
+
+def test_fake_slots_serve_requests_at_once_and_queue_the_rest():
+    barrier = threading.Barrier(3)
+    fakes = [BarrierLLM(barrier) for _ in range(3)]
+    srv = Running(SlotPool(fakes))
+    try:
+        results = []
+        threads = [threading.Thread(target=lambda i=i: results.append(
+            srv.json("POST", "/v1/completions", {"prompt": f"p{i}", "max_tokens": 2})[0])) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == [200, 200, 200]
+        assert sorted(len(f.calls) for f in fakes) == [1, 1, 1]  # one request per slot
+        assert wait_unlocked(srv)
+        assert srv.json("GET", "/health")[1] == {"status": "ok", "slots_idle": 3, "slots_processing": 0}
+    finally:
+        srv.stop()
+    # a fourth request waits for a free slot, then runs (the barrier of three is not waited on again)
+    slow = [FakeLLM(delay=0.05)]
+    srv = Running(SlotPool(slow))
+    try:
+        results = []
+        threads = [threading.Thread(target=lambda i=i: results.append(
+            srv.json("POST", "/v1/completions", {"prompt": f"p{i}", "max_tokens": 3})[0])) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == [200] * 4 and len(slow[0].calls) == 4
+    finally:
+        srv.stop()
+
+
+@needs_model
+def test_real_slots_keep_each_conversation_in_its_own_slot():
+    """Two conversations interleaved over two slots: each continuation goes to the slot holding its prefix and
+    evaluates only the new messages; the answers equal those of a server with one conversation."""
+    pool = open_sessions(DEFAULT_MODEL, 2, n_local=256, n_threads=1, n_gpu_layers=N_GPU_LAYERS)
+    srv = Running(pool)
+    try:
+        convs = {k: [{"role": "user", "content": q}] for k, q in (("a", "Name a fruit."), ("b", "Name a city."))}
+        first = {}
+        for k, msgs in convs.items():
+            status, out = srv.json("POST", "/v1/chat/completions", {"messages": msgs, "max_tokens": 6,
+                                                                      "temperature": 0})
+            assert status == 200, out
+            first[k] = out["usage"]["prompt_tokens"]
+            msgs.append(out["choices"][0]["message"])
+            msgs.append({"role": "user", "content": "And another?"})
+        for k, msgs in convs.items():
+            status, out = srv.json("POST", "/v1/chat/completions", {"messages": msgs, "max_tokens": 6,
+                                                                      "temperature": 0})
+            assert status == 200, out
+            # only the reply's end and the new user turn are evaluated (a fresh start would cost > first[k])
+            assert out["usage"]["prompt_tokens"] < first[k], (k, out["usage"], first)
+        held = [bytes(s._text or b"") for s in pool.sessions]
+        assert any(b"fruit" in h for h in held) and any(b"city" in h for h in held)
+    finally:
+        srv.stop()
+        pool.close()
