@@ -46,7 +46,7 @@ install: $(PY) ccache
 
 test: install
 	$(PIP) install --quiet "pytest>=7" "gguf>=0.10" "torch==2.13.0" "transformers==4.57.6" \
-		"sentencepiece>=0.1.98,<0.3.0" "safetensors>=0.4.3" "matplotlib>=3.5"
+		"sentencepiece>=0.1.98,<0.3.0" "safetensors>=0.4.3" "matplotlib>=3.5" "openai>=1.40"
 	$(VENV)/bin/pytest -q tests
 
 demo: install
