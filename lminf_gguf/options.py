@@ -166,7 +166,10 @@ def add_model_flags(p: argparse.ArgumentParser, several_modes: bool = False) -> 
     p.add_argument("-t", "--threads", type=int,
                    help=f"CPU threads (default: half the cores, here {default_threads()}; more than the cores other "
                         "work leaves free slows llama.cpp down many times)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
+                   help="layers to offload to the GPU (or, with --rpc, to the RPC servers: default all)")
+    p.add_argument("--rpc", metavar="HOST:PORT,...", dest="rpc_servers",
+                   help="put the model's layers on these `lminf rpc-server`s (llama.cpp's RPC backend)")
     p.add_argument("-fa", "--flash-attn", choices=list(FLASH_CHOICES), default="auto",
                    help="flash attention (default auto: on where the backend supports the mode; lminf-topk: off)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
@@ -212,7 +215,7 @@ def engine_kwargs(args, mode: Optional[str] = None, n_ctx: Optional[int] = None,
     flash = FLASH_CHOICES[getattr(args, "flash_attn", "auto")] if flash_attn == "args" else flash_attn
     return dict(mode=mode or args.mode, n_global=args.n_global, n_local=args.n_local, dist_max=args.dist_max,
                 n_ctx=n_ctx or args.ctx_size, n_batch=args.batch_size, flash_attn=flash, n_threads=args.threads,
-                n_gpu_layers=args.n_gpu_layers, verbose=args.verbose, topk=args.topk, topk_layer=args.topk_layer,
+                n_gpu_layers=args.n_gpu_layers, rpc_servers=getattr(args, "rpc_servers", None), verbose=args.verbose, topk=args.topk, topk_layer=args.topk_layer,
                 topk_dist=args.topk_dist, topk_block=args.topk_block, topk_blocks=args.topk_blocks,
                 store_type=args.store_type, store_dir=args.store_dir)
 

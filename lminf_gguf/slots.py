@@ -96,14 +96,15 @@ class SlotPool:
 
 
 def open_sessions(model_path, parallel: int, **kwargs) -> SlotPool:
-    """`parallel` LMInfinite sessions on one Model loaded from model_path (n_gpu_layers and verbose go to the
-    Model too), as a pool that owns them and the model."""
+    """`parallel` LMInfinite sessions on one Model loaded from model_path (n_gpu_layers and rpc_servers go to the
+    Model, verbose to both), as a pool that owns them and the model."""
     from .engine import LMInfinite
     from .models import Model
 
     if not isinstance(parallel, int) or parallel < 1:
         raise ValueError(f"parallel must be an integer >= 1, not {parallel!r}")
-    model = Model(model_path, n_gpu_layers=kwargs.get("n_gpu_layers", 0), verbose=kwargs.get("verbose", False))
+    model = Model(model_path, n_gpu_layers=kwargs.pop("n_gpu_layers", 0), rpc_servers=kwargs.pop("rpc_servers", None),
+                  verbose=kwargs.get("verbose", False))
     sessions = []
     try:
         for _ in range(parallel):

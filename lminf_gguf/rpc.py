@@ -1,0 +1,159 @@
+"""llama.cpp's RPC backend: a model's layers computed by `lminf rpc-server` processes on other machines.
+
+    lminf rpc-server --host 0.0.0.0 --port 50052        # on each machine that lends its memory and cores
+    lminf serve --rpc 10.0.0.2:50052,10.0.0.3:50052     # here: layers spread over them in proportion to memory
+
+rpc_servers ("HOST:PORT,HOST:PORT") names the servers; the layers go to them (n_gpu_layers defaults to all of
+them), the embeddings, the LM-Infinite bookkeeping and the sampling stay here. Every server must run the
+lminf-rpc-server of the same lminf_gguf build (the same patched ggml). llama.cpp aborts the process when it cannot
+reach a server or speaks another protocol version, so each server is checked here first, with the protocol's
+own handshake (a clear error instead). A server that goes away during a session still ends the process: that
+is llama.cpp's RPC client, which has no error path there. The RPC protocol has no authentication or encryption:
+keep the servers on a private network.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from typing import List
+
+from . import _lib
+from .errors import InvalidInputError
+
+__all__ = ["parse_servers", "check_server", "rpc_devices", "local_gpus", "server_binary", "add_parser", "main"]
+
+# ggml-rpc's protocol (ggml/src/ggml-rpc/ggml-rpc.cpp, ggml-rpc.h of the pinned tree)
+_CMD_HELLO = 14
+_CAPS_SIZE = 24
+_PROTO_MAJOR, _PROTO_MINOR = 7, 0
+HANDSHAKE_TIMEOUT_S = 10.0
+
+_lock = threading.Lock()
+_connected: set = set()  # endpoints this process already uses: llama.cpp keeps one connection per endpoint
+
+
+def parse_servers(servers) -> List[str]:
+    """"HOST:PORT,HOST:PORT" (or a list of them) as a list of endpoints; InvalidInputError names a bad one."""
+    items = servers.split(",") if isinstance(servers, str) else list(servers or [])
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise InvalidInputError(f"rpc_servers: {item!r} is not HOST:PORT")
+        item = item.strip()
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidInputError(f"rpc_servers: {item!r} is not HOST:PORT (port 1..65535)")
+        out.append(item)
+    if not out:
+        raise InvalidInputError("rpc_servers: no server given")
+    if len(out) > 16:  # GGML_RPC_MAX_SERVERS
+        raise InvalidInputError(f"rpc_servers: at most 16 servers, not {len(out)}")
+    return out
+
+
+def check_server(endpoint: str, timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+    """Connect and run the RPC handshake (HELLO); InvalidInputError when the server cannot be reached, does not
+    answer (a server serves one client at a time) or speaks another protocol version."""
+    host, _, port = endpoint.rpartition(":")
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            sock.sendall(struct.pack("<BQ", _CMD_HELLO, _CAPS_SIZE) + bytes(_CAPS_SIZE))
+            data = b""
+            while len(data) < 8 + 4 + _CAPS_SIZE:
+                part = sock.recv(64)
+                if not part:
+                    break
+                data += part
+    except socket.timeout:
+        raise InvalidInputError(f"RPC server {endpoint} did not answer within {timeout:g} s (is it serving another "
+                                "client? an rpc-server serves one at a time)") from None
+    except OSError as e:
+        raise InvalidInputError(f"cannot reach RPC server {endpoint}: {e.strerror or e}") from None
+    if len(data) < 12 or struct.unpack("<Q", data[:8])[0] != 4 + _CAPS_SIZE:
+        raise InvalidInputError(f"{endpoint} is not a compatible RPC server (no valid handshake answer; run "
+                                "`lminf rpc-server` of this lminf_gguf there)")
+    major, minor = data[8], data[9]
+    if major != _PROTO_MAJOR or minor > _PROTO_MINOR:
+        raise InvalidInputError(f"RPC server {endpoint} speaks protocol {major}.{minor}, this build "
+                                f"{_PROTO_MAJOR}.{_PROTO_MINOR}: run the lminf rpc-server of this lminf_gguf there")
+
+
+def _bind(name, argtypes, restype):
+    fn = getattr(_lib.lib, name)  # ggml's functions, found through libllama's dependencies
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
+def rpc_devices(servers) -> list:
+    """The ggml devices of the RPC servers (each checked first), for llama_model_params.devices."""
+    endpoints = parse_servers(servers)
+    reg_by_name = _bind("ggml_backend_reg_by_name", [ctypes.c_char_p], ctypes.c_void_p)
+    proc = _bind("ggml_backend_reg_get_proc_address", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p)
+    dev_count = _bind("ggml_backend_reg_dev_count", [ctypes.c_void_p], ctypes.c_size_t)
+    dev_get = _bind("ggml_backend_reg_dev_get", [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_void_p)
+    reg = reg_by_name(b"RPC")
+    if not reg:
+        raise InvalidInputError("this lminf_gguf was built without the RPC backend (it was built with -DLMINF_RPC=off)")
+    add_server = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(proc(reg, b"ggml_backend_rpc_add_server"))
+    devices = []
+    with _lock:
+        for endpoint in endpoints:
+            if endpoint not in _connected:
+                check_server(endpoint)
+            server_reg = add_server(endpoint.encode())
+            if not server_reg:
+                raise InvalidInputError(f"RPC server {endpoint} offers no device")
+            _connected.add(endpoint)
+            devices += [dev_get(server_reg, i) for i in range(dev_count(server_reg))]
+    return devices
+
+
+def local_gpus() -> list:
+    """This machine's own GPUs (they keep their share of the layers next to the RPC servers)."""
+    count = _bind("ggml_backend_dev_count", [], ctypes.c_size_t)
+    get = _bind("ggml_backend_dev_get", [ctypes.c_size_t], ctypes.c_void_p)
+    kind = _bind("ggml_backend_dev_type", [ctypes.c_void_p], ctypes.c_int)
+    return [get(i) for i in range(count()) if kind(get(i)) in (1, 2)]  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
+
+
+def server_binary() -> str:
+    """Path of the lminf-rpc-server built with this package."""
+    name = "lminf-rpc-server.exe" if sys.platform == "win32" else "lminf-rpc-server"
+    path = _lib.LIB_DIR / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: this lminf_gguf was built without the RPC backend "
+                                "(it was built with CMAKE_ARGS=-DLMINF_RPC=off)")
+    return str(path)
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "rpc-server", help="lend this machine's memory and cores to a model served elsewhere (llama.cpp RPC)",
+        description="Run llama.cpp's rpc-server (built with this lminf_gguf): a client started with --rpc "
+                    "HOST:PORT puts some of a model's layers here. No authentication: private networks only.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50052, help="port (default 50052)")
+    p.add_argument("--threads", "-t", type=int, help="CPU threads (default: llama.cpp's)")
+    p.add_argument("--cache", action="store_true", help="cache tensors on local disk (faster reloads)")
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args) -> int:
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, not {args.port}")
+    cmd = [server_binary(), "--host", args.host, "--port", str(args.port)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.cache:
+        cmd.append("--cache")
+    if os.name == "posix":
+        os.execv(cmd[0], cmd)  # the server takes this process's place (signals reach it directly)
+    return subprocess.call(cmd)

@@ -1,0 +1,176 @@
+"""More than one machine (issue 15): llama.cpp's RPC backend. Two `lminf-rpc-server` processes on localhost take the
+model's layers; lminf logits equal the local run and the cache stays bounded. Misconfigured servers are clear
+errors, never an abort (each check in a child process, so that an abort fails the test instead of the suite)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lminf_gguf import rpc
+from lminf_gguf.errors import InvalidInputError
+
+HERE = Path(__file__).parent
+
+try:
+    SERVER = rpc.server_binary()
+except FileNotFoundError as e:  # a build with -DLMINF_RPC=off
+    SERVER = None
+    WHY = str(e)
+
+needs_rpc = pytest.mark.skipif(SERVER is None, reason="built without the RPC backend (-DLMINF_RPC=off)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rpc_servers():
+    """Two lminf-rpc-server processes on localhost: "127.0.0.1:P1,127.0.0.1:P2"."""
+    procs, endpoints = [], []
+    try:
+        for _ in range(2):
+            port = _free_port()
+            procs.append(subprocess.Popen([SERVER, "--port", str(port), "--threads", "1"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            endpoints.append(f"127.0.0.1:{port}")
+        for endpoint in endpoints:  # ready when the handshake answers
+            deadline = time.time() + 30
+            while True:
+                try:
+                    rpc.check_server(endpoint, timeout=2)
+                    break
+                except InvalidInputError:
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(0.1)
+        yield ",".join(endpoints)
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+
+
+def _child(code: str, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, cwd=HERE)
+
+
+@needs_rpc
+@pytest.mark.parametrize("kv,bound", [("f32", 1e-5), ("f16", 2e-3)])
+def test_layers_on_two_rpc_servers_equal_the_local_run(rpc_servers, tiny_model, kv, bound):
+    path, _ = tiny_model("f32-gqa2")
+    res = _child(f"""
+        import json
+        import numpy as np
+        from conftest import open_exact, random_tokens, rel_err
+        toks = [int(t) for t in random_tokens(300, seed=3)]   # G + L = 36: 300 tokens rebase several times
+        kw = dict(n_global=4, n_local=32, n_batch=16, n_threads=1, kv={kv!r})
+        local = open_exact({path!r}, **kw)
+        want = local.logits(toks)
+        remote = open_exact({path!r}, rpc_servers={rpc_servers!r}, verbose=True, **kw)
+        got = remote.logits(toks)
+        print(json.dumps(dict(rel=rel_err(got, want), info=remote.cache_info())))
+        """)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    # llama.cpp's log (verbose session): the layers went to both servers
+    assert "assigned to device RPC0" in res.stderr and "assigned to device RPC1" in res.stderr
+    assert out["rel"] < bound, out
+    info = out["info"]
+    assert info["rebases"] > 0 and info["cells_used"] <= info["cells_bound"]
+
+
+@needs_rpc
+def test_flash_auto_over_rpc_falls_back_exactly(rpc_servers, tiny_model):
+    """The RPC devices do not take flash attention's sink-column bias: auto picks the non-flash path there."""
+    path, _ = tiny_model("f32-gqa2")
+    res = _child(f"""
+        import json
+        from conftest import open_exact, random_tokens, rel_err
+        toks = [int(t) for t in random_tokens(120, seed=4)]
+        kw = dict(n_global=4, n_local=32, n_batch=16, n_threads=1)
+        want = open_exact({path!r}, **kw).logits(toks)
+        remote = open_exact({path!r}, rpc_servers={rpc_servers!r}, flash_attn=None, **kw)
+        print(json.dumps(dict(rel=rel_err(remote.logits(toks), want), flash=remote.cache_info()["flash_attn"])))
+        """)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["flash"] is False and out["rel"] < 1e-5, out
+
+
+@needs_rpc
+@pytest.mark.parametrize("servers,message", [
+    ("127.0.0.1", "is not HOST:PORT"),
+    ("127.0.0.1:0", "is not HOST:PORT"),
+    ("127.0.0.1:{closed}", "cannot reach RPC server"),
+    ("127.0.0.1:{rude}", "is not a compatible RPC server"),
+])
+def test_bad_rpc_servers_are_clear_errors_not_aborts(tiny_model, servers, message):
+    """llama.cpp aborts on an endpoint it cannot parse, reach or shake hands with: each is refused first."""
+    path, _ = tiny_model("f32-gqa2")
+    rude = socket.socket()  # accepts and hangs up at once: something listens, but not an RPC server
+    rude.bind(("127.0.0.1", 0))
+    rude.listen(8)
+
+    def hang_up():
+        while True:
+            try:
+                conn, _ = rude.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        servers = servers.format(closed=_free_port(), rude=rude.getsockname()[1])
+        res = _child(f"""
+            import lminf_gguf
+            try:
+                lminf_gguf.LMInfinite({path!r}, rpc_servers={servers!r}, n_threads=1)
+            except lminf_gguf.InvalidInputError as e:
+                print("refused:", e)
+            """, timeout=60)
+    finally:
+        rude.close()
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("refused:") and message in res.stdout, res.stdout
+
+
+def test_rpc_server_list_parsing():
+    assert rpc.parse_servers("a:1, b:2") == ["a:1", "b:2"]
+    assert rpc.parse_servers(["[::1]:50052"]) == ["[::1]:50052"]
+    for bad in ("", "a", "a:b", "a:70000", ",".join(f"h:{i + 1}" for i in range(17))):
+        with pytest.raises(InvalidInputError):
+            rpc.parse_servers(bad)
+
+
+@needs_rpc
+def test_lminf_rpc_server_cli_runs_the_bundled_server():
+    exe = str(Path(sys.executable).with_name("lminf"))
+    port = _free_port()
+    proc = subprocess.Popen([exe, "rpc-server", "--port", str(port), "-t", "1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                rpc.check_server(f"127.0.0.1:{port}", timeout=2)
+                break
+            except InvalidInputError:
+                assert time.time() < deadline and proc.poll() is None
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(10)
