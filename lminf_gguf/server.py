@@ -14,8 +14,9 @@ Endpoints
 The same paths without the /v1 prefix are accepted too. "stream": true answers with Server-Sent Events,
 `data: {chunk}` per piece and `data: [DONE]` at the end. Request fields: max_tokens (or max_completion_tokens),
 temperature, top_p, top_k, min_p, repeat_penalty, frequency_penalty, presence_penalty, logit_bias, seed, stop,
-stream, and for chat response_format (text, json_object, json_schema: constrained by a grammar); n must be 1,
-model and user are accepted and ignored, and any other field is refused with a 400 that names it.
+stream, stream_options, n, logprobs, for completions echo, best_of (= n) and several or token-id prompts, for
+chat top_logprobs and response_format (text, json_object, json_schema: constrained by a grammar); model and user
+are accepted and ignored, and any other field (tools, ...) is refused with a 400 that names it (README's table).
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with status 400, 401, 404, 405, 413
 or 500.
 
@@ -134,11 +135,21 @@ COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 CHAT_FIELDS = _COMMON_FIELDS | {"messages", "response_format", "top_logprobs"}
 
 
+# why some fields OpenAI's reference has are refused (README: the table of fields)
+_REFUSED = {name: "tool calling is not supported" for name in
+            ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call")}
+_REFUSED.update({name: "only text is supported" for name in ("audio", "modalities")})
+_REFUSED.update({name: "nothing is stored or tiered here" for name in
+                 ("store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier")})
+
+
 def _known_fields(body: dict, known: set) -> None:
     unknown = sorted(k for k in body if k not in known)
     if unknown:
-        raise _bad(f"unsupported field {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1
-                   else "") + "; this server implements: " + ", ".join(sorted(known)), unknown[0])
+        why = _REFUSED.get(unknown[0])
+        raise _bad(f"unsupported field {unknown[0]!r}" + (f" ({why})" if why else "") +
+                   (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "") +
+                   "; this server implements: " + ", ".join(sorted(known)), unknown[0])
 
 
 def _sampling(body: dict, max_tokens_default: Optional[int], temperature_default: float,
