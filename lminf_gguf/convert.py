@@ -444,23 +444,57 @@ _HYBRID = {"jamba", "falcon-h1", "plamo2", "granitehybrid", "lfm2", "lfm2moe", "
            "deepseek4", "minimax-01"}
 _NO_ROPE = {"clip", "gpt2", "gptj", "mpt", "refact", "bloom", "jina-bert-v2", "t5", "t5encoder", "jais",
             "wavtokenizer-dec", "nemotron_h", "nemotron_h_moe", "kimi-linear", "kimi-k3", "glm5-next"}
+# ALiBi (the distance is a per-head bias in the mask, where LM-Infinite's ceiling goes: patch 0012); bloom's bias is
+# fixed by llama.cpp, mpt's is the file's attention.max_alibi_bias
+_ALIBI = {"bloom", "mpt"}
+# an architecture name the pinned llama.cpp knows but has no graph for: the file cannot run at all
+_NO_GRAPH = {"gptj"}
 _NON_CAUSAL = {"bert", "modern-bert", "nomic-bert", "nomic-bert-moe", "neo-bert", "eurobert", "jina-bert-v2",
                "t5encoder", "gemma-embedding", "dream", "llada", "llada-moe", "rnd1"}
 # set sliding-window attention whatever the file says
 _ALWAYS_SWA = {"gemma2", "gemma3n", "gemma4", "cohere2", "gpt-oss", "gemma-embedding"}
 
 
-def _support(arch: str, kv: Dict[str, Any]) -> Optional[str]:
-    """None if LM-Infinite supports the model, else the reason it is refused."""
+def attention_kind(arch: str, kv: Dict[str, Any]) -> str:
+    """The model's own position encoding and attention pattern, as `lminf info` reports it."""
     a = arch + "."
+    if arch in _RECURRENT or arch in _HYBRID:
+        return "recurrent" if arch in _RECURRENT else "hybrid recurrent/attention"
+    if arch in _ALIBI and (arch == "bloom" or (kv.get(a + "attention.max_alibi_bias") or 0) > 0):
+        kind = "ALiBi"
+    elif arch in _NO_ROPE:
+        kind = "no RoPE or ALiBi"
+    elif a + "rope.dimension_sections" in kv:
+        kind = "M-RoPE"
+    else:
+        kind = "RoPE"
+    window = kv.get(a + "attention.sliding_window") or 0
+    if arch in _ALWAYS_SWA or window > 0:
+        pattern = kv.get(a + "attention.sliding_window_pattern")
+        kind += f", interleaved sliding-window layers (window {window or '?'}" + \
+            (f", pattern {pattern}" if pattern else "") + ")"
+    return kind
+
+
+def _support(arch: str, kv: Dict[str, Any], tensors=()) -> Optional[str]:
+    """None if LM-Infinite supports the model, else the reason it is refused (tensors: the file's tensor names,
+    where known)."""
+    a = arch + "."
+    if arch in _NO_GRAPH:
+        return f"llama.cpp knows the name '{arch}' but has no graph for it: the file cannot run at all"
+    if "position_embd.weight" in tensors:
+        return "learned absolute position embeddings (rebasing positions would change them)"
     if arch in _RECURRENT or any(k.startswith((a + "ssm.", a + "wkv.", a + "shortconv.")) for k in kv):
         return "recurrent model (no KV cache to bound)"
     if arch in _HYBRID:
         return "hybrid recurrent/attention model"
     if arch in _NON_CAUSAL or kv.get(a + "attention.causal") is False:
         return "non-causal (bidirectional) attention"
-    if arch in _NO_ROPE:
-        return "no rotary position embedding (RoPE)"
+    if arch in _ALIBI:
+        if arch == "mpt" and not (kv.get(a + "attention.max_alibi_bias") or 0) > 0:
+            return "no position encoding (an MPT file without ALiBi)"
+    elif arch in _NO_ROPE:
+        return "neither rotary position embedding (RoPE) nor ALiBi"
     if arch in _ALWAYS_SWA or (kv.get(a + "attention.sliding_window") or 0) > 0:
         return "has its own sliding-window attention layers"
     if a + "rope.dimension_sections" in kv:
@@ -481,8 +515,9 @@ def describe(path: PathLike) -> Dict[str, Any]:
 
     Keys: path, architecture, name, file_type, context_length, embedding_length, block_count, head_count,
     head_count_kv, vocab_size, rope (the <arch>.rope.* keys, without the prefix), lminf (the lminf.* keys present),
-    tensor_types ({type name: tensor count}), n_tensors, n_params, lminf_supported (bool) and lminf_reason (why
-    not, else None).
+    tensor_types ({type name: tensor count}), n_tensors, n_params, attention (the model's own position encoding and
+    attention pattern: RoPE, ALiBi, interleaved sliding-window layers, ...), lminf_supported (bool) and lminf_reason
+    (why not, else None).
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -518,7 +553,7 @@ def describe(path: PathLike) -> Dict[str, Any]:
             file_type = gguf.LlamaFileType(int(file_type)).name.replace("MOSTLY_", "").replace("ALL_", "")
         except ValueError:
             pass
-    reason = _support(arch, kv)
+    reason = _support(arch, kv, {t.name for t in reader.tensors})
     if reason is None and not reader.tensors:
         reason = "the file has no tensors (a vocabulary-only GGUF): there is no model to run"
     return {
@@ -534,6 +569,7 @@ def describe(path: PathLike) -> Dict[str, Any]:
         "vocab_size": vocab,
         "rope": {k[len(a) + 5:]: v for k, v in kv.items() if k.startswith(a + "rope.")},
         "sliding_window": kv.get(a + "attention.sliding_window"),
+        "attention": attention_kind(arch, kv),
         "lminf": {k: int(v) for k, v in kv.items() if k.startswith("lminf.")},
         "tensor_types": dict(sorted(types.items(), key=lambda kv_: -kv_[1])),
         "n_tensors": len(reader.tensors),
@@ -563,8 +599,7 @@ def print_info(path: Optional[PathLike] = None, file=None) -> None:
     line("vocabulary", d["vocab_size"])
     if rope:
         line("rope", ", ".join(f"{k} = {v}" for k, v in rope.items()))
-    if d["sliding_window"]:
-        line("sliding window", d["sliding_window"])
+    line("attention", d["attention"])
     n_local = d["lminf"].get("lminf.n_local", d["context_length"])
     line("LM-Infinite keys", ", ".join(f"{k} = {v}" for k, v in d["lminf"].items()) or
          f"none (defaults: G = 10, L = C = {n_local})")

@@ -120,6 +120,9 @@ class LMInfinite:
         cparams = context_params(n_batch, self.n_ubatch, n_threads, type_k, type_v, flash_attn)
 
         topk_params = None
+        if MODES[mode].topk and llama_raw.llama_model_rope_type(self._model.model) == llama_raw.LLAMA_ROPE_TYPE_NONE:
+            raise InvalidInputError("lminf-topk needs a RoPE model (it places the middle tokens at a rotation); "
+                                    f"{self.model_path} has none (ALiBi): use mode 'lminf'")
         if MODES[mode].topk:
             if topk_layer >= self.model.n_layer:
                 raise InvalidInputError(f"topk_layer must be below the model's {self.model.n_layer} layers, "
@@ -132,8 +135,12 @@ class LMInfinite:
             topk_params = context.topk_params(topk, topk_layer, self.topk_dist, store_type, store_segment, topk_block,
                                               topk_blocks, store_dir)
         with self.model.context_lock, _lib.verbosity(verbose):
+            _lib.last_errors()
             ctx = new_context(self, cparams, n_ctx, topk_params)
         if not ctx:
+            reason = next((line.split(": ", 1)[-1] for line in _lib.last_errors() if "LM-Infinite" in line), None)
+            if reason:  # llama.cpp's refusal of this model or these parameters, in its words
+                raise InvalidInputError(f"{self.model_path}: {reason}")
             raise RuntimeError(f"llama.cpp could not create a {mode} context for {self.model_path} "
                                "(run with verbose=True for its log)")
         self.ctx = ctx

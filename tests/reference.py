@@ -58,6 +58,23 @@ Arch qwen2 uses rope type NEOX: the same angles ``theta_d`` (same scaling), but
 applied to the pairs ``(x[d], x[d + n_rot/2])`` of each head (rotate halves)
 instead of adjacent pairs.
 
+ALiBi archs (mpt, bloom; Press et al., "Train Short, Test Long", ICLR 2022): no
+RoPE; head h adds ``-m_h * (p_i - p_j)`` to its scaled scores, with the slopes
+of the ALiBi paper for ``max_bias`` (8): for n heads, n' = the largest power of
+two <= n, ``m_h = 2**(-max_bias * (h + 1) / n')`` for h < n', and the remaining
+heads take the odd powers of ``2**(-max_bias / (2 n'))``. LayerNorm (with the
+file's biases) instead of RMSNorm, fused QKV projection (with bias for bloom),
+FFN ``down(gelu(up(x)))`` (with biases for bloom), and for bloom a LayerNorm of
+the embeddings. LM-Infinite on ALiBi: the same Λ visibility; in "lminf" mode a sink
+beyond the window is biased as if it were at distance C, ``-m_h * C``, as the
+RoPE ceiling scores it at C (with C = L, the default, this is
+``-m_h * min(p_i - p_j, C)``); keys in the window keep their distance.
+
+GELU: the model file is defined by what llama.cpp computes, and ggml's CPU GELU
+is the tanh approximation read from a table of f16 values (input rounded to
+f16, output an f16): the reference rounds the same way, so that the comparison
+isolates attention. (Erf GELU against this table differs by ~1e-3.)
+
 Usage::
 
     m = load_gguf("tiny.gguf")
@@ -102,7 +119,9 @@ class HParams:
     yarn_beta_slow: float = 1.0
     yarn_ext_factor: Optional[float] = None  # None -> 1 for yarn, 0 otherwise
     attn_scale: float = 0.0  # 0 -> 1/sqrt(head_dim)
-    rope_type: str = "norm"  # "norm" (adjacent pairs, llama) | "neox" (halves, qwen2)
+    rope_type: str = "norm"  # "norm" (adjacent pairs, llama) | "neox" (halves, qwen2) | "none" (ALiBi)
+    alibi_max_bias: float = 0.0  # > 0: ALiBi (mpt, bloom)
+    norm_eps: float = 0.0  # LayerNorm epsilon (ALiBi archs)
 
 
 @dataclass
@@ -147,7 +166,7 @@ def _field_value(reader: gguf.GGUFReader, key: str, default=None):
 
 
 # rope type per architecture (fixed by the architecture in llama.cpp, not a GGUF key)
-_ROPE_TYPE = {"llama": "norm", "qwen2": "neox"}
+_ROPE_TYPE = {"llama": "norm", "qwen2": "neox", "mpt": "none", "bloom": "none"}
 
 
 def load_gguf(path) -> "RefModel":
@@ -165,6 +184,9 @@ def load_gguf(path) -> "RefModel":
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
         arr = np.asarray(arr, dtype=np.float64).reshape(tuple(reversed([int(x) for x in t.shape])))
         tensors[t.name] = torch.from_numpy(arr.copy())
+
+    if _ROPE_TYPE[arch] == "none":
+        return _load_alibi(r, arch, tensors)
 
     n_embd = int(_field_value(r, a + "embedding_length"))
     n_head = int(_field_value(r, a + "attention.head_count"))
@@ -208,6 +230,41 @@ def load_gguf(path) -> "RefModel":
     if hp.n_rot != hp.head_dim:
         raise NotImplementedError("partial rotary (n_rot != head_dim) not supported")
     return RefModel(hp, tensors)
+
+
+def _load_alibi(r, arch: str, tensors) -> "RefModel":
+    a = arch + "."
+    n_embd = int(_field_value(r, a + "embedding_length"))
+    n_head = int(_field_value(r, a + "attention.head_count"))
+    hp = HParams(
+        arch=arch, n_vocab=tensors["token_embd.weight"].shape[0], n_embd=n_embd,
+        n_layer=int(_field_value(r, a + "block_count")), n_ff=int(_field_value(r, a + "feed_forward_length")),
+        n_head=n_head, n_head_kv=int(_field_value(r, a + "attention.head_count_kv", n_head)),
+        head_dim=n_embd // n_head, n_rot=0, n_ctx_train=int(_field_value(r, a + "context_length")), rms_eps=0.0,
+        rope_type="none", norm_eps=float(_field_value(r, a + "attention.layer_norm_epsilon")),
+        # bloom's is not a GGUF key: 8, as in the BLOOM paper (and llama.cpp)
+        alibi_max_bias=float(_field_value(r, a + "attention.max_alibi_bias", 8.0 if arch == "bloom" else 0.0)))
+    if hp.alibi_max_bias <= 0:
+        raise NotImplementedError(f"{arch} without ALiBi")
+    return RefModel(hp, tensors)
+
+
+def alibi_slopes(n_head: int, max_bias: float) -> torch.Tensor:
+    """The per-head ALiBi slopes (see the module doc), from the ALiBi paper's construction."""
+    n2 = 2 ** int(math.floor(math.log2(n_head)))
+    base = 2.0 ** (-max_bias / n2)
+    slopes = [base ** (h + 1) for h in range(n2)]
+    extra = 2.0 ** (-max_bias / (2 * n2))
+    slopes += [extra ** (2 * i + 1) for i in range(n_head - n2)]
+    return torch.tensor(slopes, dtype=DT)
+
+
+def gelu_f16_table(x: torch.Tensor) -> torch.Tensor:
+    """ggml's CPU GELU: tanh approximation on the f16-rounded input, rounded to f16 (|x| >= 10: 0 or x)."""
+    x16 = x.to(torch.float16).to(DT)
+    y = 0.5 * x16 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * x16 * (1.0 + 0.044715 * x16 * x16)))
+    y = y.to(torch.float16).to(DT)
+    return torch.where(x <= -10.0, torch.zeros_like(x), torch.where(x >= 10.0, x, y))
 
 
 class RefModel:
@@ -311,9 +368,16 @@ class RefModel:
         p = f"blk.{il}."
         T = h.shape[0]
         D = hp.head_dim
-        q = h @ t[p + "attn_q.weight"].T
-        k = h @ t[p + "attn_k.weight"].T
-        v = h @ t[p + "attn_v.weight"].T
+        if p + "attn_qkv.weight" in t:  # fused (mpt, bloom): rows q, k, v
+            qkv = h @ t[p + "attn_qkv.weight"].T
+            if p + "attn_qkv.bias" in t:
+                qkv = qkv + t[p + "attn_qkv.bias"]
+            n_q, n_kv = hp.n_head * D, hp.n_head_kv * D
+            q, k, v = qkv[:, :n_q], qkv[:, n_q:n_q + n_kv], qkv[:, n_q + n_kv:]
+        else:
+            q = h @ t[p + "attn_q.weight"].T
+            k = h @ t[p + "attn_k.weight"].T
+            v = h @ t[p + "attn_v.weight"].T
         # projection biases (qwen2), added before RoPE
         if p + "attn_q.bias" in t:
             q = q + t[p + "attn_q.bias"]
@@ -333,14 +397,17 @@ class RefModel:
 
         scale = hp.attn_scale if hp.attn_scale != 0.0 else 1.0 / math.sqrt(D)
 
-        qr = self.rope(q, pos)
-        kr = self.rope(k, pos)
-        s_near = torch.einsum("ihd,jhd->hij", qr, kr) * scale  # [H, T, T]
-
         pi = pos[:, None]
         pj = pos[None, :]
         dist = pi - pj
         causal = dist >= 0
+        if hp.rope_type == "none":
+            return self._attention_alibi(il, q, k, v, dist, causal, mode, n_global, n_local, dist_max, scale, topk,
+                                         pj)
+
+        qr = self.rope(q, pos)
+        kr = self.rope(k, pos)
+        s_near = torch.einsum("ihd,jhd->hij", qr, kr) * scale  # [H, T, T]
         if mode == "vanilla":
             visible = causal
             s = s_near
@@ -371,9 +438,53 @@ class RefModel:
         o = torch.einsum("hij,jhd->ihd", a, v).reshape(T, hp.n_head * D)
         return o @ t[p + "attn_output.weight"].T
 
+    def _attention_alibi(self, il, q, k, v, dist, causal, mode, n_global, n_local, dist_max, scale, topk, pj):
+        hp = self.hp
+        t = self.t
+        p = f"blk.{il}."
+        if topk is not None:
+            raise ValueError("top-k middle tokens need RoPE")
+        T = q.shape[0]
+        s = torch.einsum("ihd,jhd->hij", q, k) * scale
+        d = dist.to(DT)
+        if mode == "lminf":  # the ceiling: a sink beyond the window is biased as if it were at distance C
+            d = torch.where(dist < n_local, d, torch.full_like(d, float(dist_max)))
+        s = s - alibi_slopes(hp.n_head, hp.alibi_max_bias)[:, None, None] * d[None]
+        if mode == "vanilla":
+            visible = causal
+        elif mode in ("mask", "lminf"):
+            visible = causal & ((dist < n_local) | (pj < n_global))
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+        s = s.masked_fill(~visible[None], float("-inf"))
+        a = torch.softmax(s, dim=-1)
+        o = torch.einsum("hij,jhd->ihd", a, v).reshape(T, hp.n_head * hp.head_dim)
+        o = o @ t[p + "attn_output.weight"].T
+        if p + "attn_output.bias" in t:
+            o = o + t[p + "attn_output.bias"]
+        return o
+
+    def _layernorm(self, x, name):
+        t = self.t
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        y = (x - mu) / torch.sqrt(var + self.hp.norm_eps) * t[name + ".weight"]
+        return y + t[name + ".bias"] if name + ".bias" in t else y
+
+    def _norm(self, x, name):
+        if self.hp.rope_type == "none":
+            return self._layernorm(x, name)
+        return self._rmsnorm(x, self.t[name + ".weight"])
+
     def _ffn(self, il, h):
         t = self.t
         p = f"blk.{il}."
+        if self.hp.rope_type == "none":  # mpt, bloom: down(gelu(up(x))), biases where present
+            u = h @ t[p + "ffn_up.weight"].T
+            if p + "ffn_up.bias" in t:
+                u = u + t[p + "ffn_up.bias"]
+            o = gelu_f16_table(u) @ t[p + "ffn_down.weight"].T
+            return o + t[p + "ffn_down.bias"] if p + "ffn_down.bias" in t else o
         g = h @ t[p + "ffn_gate.weight"].T
         u = h @ t[p + "ffn_up.weight"].T
         return (torch.nn.functional.silu(g) * u) @ t[p + "ffn_down.weight"].T
@@ -405,12 +516,14 @@ class RefModel:
         pos = torch.arange(T, dtype=torch.int64) + int(pos0)
 
         x = t["token_embd.weight"][tok]
+        if "token_embd_norm.weight" in t:  # bloom
+            x = self._layernorm(x, "token_embd_norm")
         for il in range(hp.n_layer):
-            h = self._rmsnorm(x, t[f"blk.{il}.attn_norm.weight"])
+            h = self._norm(x, f"blk.{il}.attn_norm")
             x = x + self._attention(il, h, pos, mode, n_global, n_local, dist_max, topk)
-            h = self._rmsnorm(x, t[f"blk.{il}.ffn_norm.weight"])
+            h = self._norm(x, f"blk.{il}.ffn_norm")
             x = x + self._ffn(il, h)
-        x = self._rmsnorm(x, t["output_norm.weight"])
+        x = self._norm(x, "output_norm")
         w_out = t.get("output.weight", t["token_embd.weight"])
         out = x @ w_out.T
         if "output.bias" in t:

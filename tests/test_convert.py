@@ -253,7 +253,16 @@ def test_describe_refuses_what_the_engine_refuses(tmp_path):
     assert "hybrid" in cv._support("jamba", {})
     assert "non-causal" in cv._support("bert", {}) and "non-causal" in cv._support("llama", {
         "llama.attention.causal": False})
-    assert "RoPE" in cv._support("gpt2", {})
+    assert "RoPE" in cv._support("gpt2", {}) and "ALiBi" in cv._support("gpt2", {})
+    assert "no graph" in cv._support("gptj", {})
+    assert cv._support("bloom", {}) is None and cv._support("mpt", {"mpt.attention.max_alibi_bias": 8.0}) is None
+    assert "without ALiBi" in cv._support("mpt", {})
+    assert "position embeddings" in cv._support("mpt", {"mpt.attention.max_alibi_bias": 8.0},
+                                                {"position_embd.weight"})
+    assert cv.attention_kind("bloom", {}) == "ALiBi"
+    assert cv.attention_kind("llama", {}) == "RoPE"
+    assert "sliding-window" in cv.attention_kind("gemma3", {"gemma3.attention.sliding_window": 512,
+                                                            "gemma3.attention.sliding_window_pattern": 6})
     assert "sliding-window" in cv._support("gemma2", {})
     assert "M-RoPE" in cv._support("qwen2vl", {"qwen2vl.rope.dimension_sections": [16, 24, 24, 0]})
     assert "MLA" in cv._support("deepseek2", {"deepseek2.attention.kv_lora_rank": 512})

@@ -16,6 +16,9 @@ is involved.
 
 ``write_tiny_gemma3`` writes a gemma3 model with sliding-window layers, only for
 tests that LM-Infinite refuses it; there is no reference implementation of it.
+
+``write_tiny_alibi`` writes the ALiBi architectures (mpt, bloom): LayerNorm,
+fused QKV, GELU FFN, no RoPE; the reference implements both.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 
 import gguf
 
-__all__ = ["write_tiny_llama", "write_tiny_qwen2", "write_tiny_gemma3"]
+__all__ = ["write_tiny_llama", "write_tiny_qwen2", "write_tiny_gemma3", "write_tiny_alibi"]
 
 
 def _as_dtype(arr: np.ndarray, dtype: str):
@@ -272,6 +275,107 @@ def write_tiny_gemma3(
         w.add_tensor(p + "ffn_down.weight", randn(n_embd, n_ff, std=1.0 / np.sqrt(n_ff)))
         w.add_tensor(p + "post_ffw_norm.weight", randn(n_embd, std=0.1))
     w.add_tensor("output_norm.weight", randn(n_embd, std=0.1))
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_tiny_alibi(
+    path: Union[str, os.PathLike],
+    *,
+    arch: str = "mpt",
+    n_vocab: int = 96,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_layer: int = 2,
+    n_ff: int = 128,
+    n_ctx_train: int = 64,
+    max_alibi_bias: float = 8.0,
+    dtype: str = "f32",
+    seed: int = 0,
+    qk_gain: float = 1.5,
+    pos_embd: bool = False,
+) -> str:
+    """Write a tiny random ALiBi GGUF ("mpt" or "bloom"); return ``str(path)``.
+
+    What llama.cpp loads for them: keys ``{arch}.*`` with
+    ``attention.layer_norm_epsilon``; mpt also ``attention.max_alibi_bias``
+    (bloom's is fixed at 8 by llama.cpp). Per layer: attn_norm (LayerNorm; bloom
+    with bias), attn_qkv [n_embd + 2 n_embd] (bloom with bias), attn_output,
+    ffn_norm, ffn_up, ffn_down (bloom with biases); bloom also has
+    token_embd_norm (weight and bias) after the embedding; output_norm, output.
+    MPT as MPT-7B ships it: no biases, no clamp, no learned position embedding
+    (pos_embd=True adds one, position_embd.weight [n_ctx_train, n_embd], as some
+    MPT files have: only for refusal tests).
+    """
+    path = str(path)
+    assert arch in ("mpt", "bloom"), arch
+    assert n_embd % n_head == 0
+    head_dim = n_embd // n_head
+    bloom = arch == "bloom"
+    rng = np.random.default_rng(seed)
+
+    def randn(*shape, std=1.0):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(f"tiny-random-{arch}")
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head)
+    w.add_layer_norm_eps(1e-5)
+    if not bloom:
+        w.add_max_alibi_bias(float(max_alibi_bias))
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(ftype)
+    _add_spm_vocab(w, n_vocab)
+
+    def add(name, arr, mat=True):
+        if mat:
+            data, raw = _as_dtype(arr, dtype)
+            if raw is not None:
+                w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=raw)
+            else:
+                w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+
+    def norm(name):
+        add(name + ".weight", 1.0 + randn(n_embd, std=0.1), mat=False)
+        if bloom:
+            add(name + ".bias", randn(n_embd, std=0.1), mat=False)
+
+    qk_std = qk_gain / np.sqrt(n_embd)
+    add("token_embd.weight", randn(n_vocab, n_embd, std=1.0))
+    if pos_embd:
+        add("position_embd.weight", randn(n_ctx_train, n_embd, std=0.1))
+    if bloom:
+        norm("token_embd_norm")
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        norm(p + "attn_norm")
+        qkv = np.concatenate([randn(n_embd, n_embd, std=qk_std), randn(n_embd, n_embd, std=qk_std),
+                              randn(n_embd, n_embd, std=1.0 / np.sqrt(n_embd))])
+        add(p + "attn_qkv.weight", qkv)
+        add(p + "attn_output.weight", randn(n_embd, n_embd, std=1.0 / np.sqrt(n_embd)))
+        norm(p + "ffn_norm")
+        add(p + "ffn_up.weight", randn(n_ff, n_embd, std=1.0 / np.sqrt(n_embd)))
+        add(p + "ffn_down.weight", randn(n_embd, n_ff, std=1.0 / np.sqrt(n_ff)))
+        if bloom:
+            add(p + "attn_qkv.bias", randn(3 * n_embd, std=0.5), mat=False)
+            add(p + "attn_output.bias", randn(n_embd, std=0.1), mat=False)
+            add(p + "ffn_up.bias", randn(n_ff, std=0.1), mat=False)
+            add(p + "ffn_down.bias", randn(n_embd, std=0.1), mat=False)
+    norm("output_norm")
+    add("output.weight", randn(n_vocab, n_embd, std=2.0 / np.sqrt(n_embd)))
 
     w.write_header_to_file()
     w.write_kv_data_to_file()
