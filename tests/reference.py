@@ -56,7 +56,10 @@ default context parameters (ext_factor=1, beta_fast=32, beta_slow=1).
 
 Arch qwen2 uses rope type NEOX: the same angles ``theta_d`` (same scaling), but
 applied to the pairs ``(x[d], x[d + n_rot/2])`` of each head (rotate halves)
-instead of adjacent pairs.
+instead of adjacent pairs. qwen3: NEOX, no biases, and an RMS norm of each head
+of q and k (its own weight) before RoPE. phi3: NEOX, fused QKV and a fused
+[gate; up] FFN projection. llama 3.1's ``rope_freqs.weight`` divides each
+dimension's frequency: ``theta_d = pos * base**(-2d/n_rot) / f_d``.
 
 ALiBi archs (mpt, bloom; Press et al., "Train Short, Test Long", ICLR 2022): no
 RoPE; head h adds ``-m_h * (p_i - p_j)`` to its scaled scores, with the slopes
@@ -166,7 +169,7 @@ def _field_value(reader: gguf.GGUFReader, key: str, default=None):
 
 
 # rope type per architecture (fixed by the architecture in llama.cpp, not a GGUF key)
-_ROPE_TYPE = {"llama": "norm", "qwen2": "neox", "mpt": "none", "bloom": "none"}
+_ROPE_TYPE = {"llama": "norm", "qwen2": "neox", "qwen3": "neox", "phi3": "neox", "mpt": "none", "bloom": "none"}
 
 
 def load_gguf(path) -> "RefModel":
@@ -280,6 +283,8 @@ class RefModel:
         pos = torch.as_tensor(pos, dtype=DT).reshape(-1, 1)
         d = torch.arange(hp.n_rot // 2, dtype=DT)
         inv_freq = hp.rope_base ** (-2.0 * d / hp.n_rot)  # [n_rot/2]
+        if "rope_freqs.weight" in self.t:  # llama 3.1's per-dimension divisors
+            inv_freq = inv_freq / self.t["rope_freqs.weight"]
         theta_extrap = pos * inv_freq  # [P, n_rot/2]
         freq_scale = 1.0 / hp.rope_scaling_factor
         theta_interp = freq_scale * theta_extrap
@@ -388,6 +393,9 @@ class RefModel:
         q = q.reshape(T, hp.n_head, D)
         k = k.reshape(T, hp.n_head_kv, D)
         v = v.reshape(T, hp.n_head_kv, D)
+        if p + "attn_q_norm.weight" in t:  # qwen3: per-head RMS norm of q and k, before RoPE
+            q = self._rmsnorm(q, t[p + "attn_q_norm.weight"])
+            k = self._rmsnorm(k, t[p + "attn_k_norm.weight"])
         k_kv = k
 
         # GQA: query head hq uses kv head hq // (n_head / n_head_kv)
@@ -485,6 +493,10 @@ class RefModel:
                 u = u + t[p + "ffn_up.bias"]
             o = gelu_f16_table(u) @ t[p + "ffn_down.weight"].T
             return o + t[p + "ffn_down.bias"] if p + "ffn_down.bias" in t else o
+        if p + "ffn_gate.weight" not in t:  # phi3: fused [gate; up]
+            gu = h @ t[p + "ffn_up.weight"].T
+            g, u = gu[:, :gu.shape[1] // 2], gu[:, gu.shape[1] // 2:]
+            return (torch.nn.functional.silu(g) * u) @ t[p + "ffn_down.weight"].T
         g = h @ t[p + "ffn_gate.weight"].T
         u = h @ t[p + "ffn_up.weight"].T
         return (torch.nn.functional.silu(g) * u) @ t[p + "ffn_down.weight"].T

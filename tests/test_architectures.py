@@ -1,5 +1,6 @@
-"""A second RoPE architecture (qwen2: q/k/v biases, NEOX rope) against the reference, and a refused one (gemma3 with
-its own sliding-window layers).
+"""More RoPE architectures against the reference: qwen2 (q/k/v biases, NEOX rope), and smoke rows for the families
+users run most (llama 3.1's frequency divisors, mistral's GQA and rope base, qwen3's q/k norms, phi3's fused
+projections); and a refused one (gemma3 with its own sliding-window layers).
 
 Bound: 1e-4 relative error (||a - b|| / ||b|| of all logits) with f32 weights, f32 KV cache, flash attention off,
 as in test_attention_exact.py.
@@ -14,7 +15,7 @@ import pytest
 
 from conftest import open_exact, random_tokens, rel_err
 from reference import RefModel, load_gguf
-from tiny_models import write_tiny_gemma3, write_tiny_llama, write_tiny_qwen2
+from tiny_models import write_tiny_gemma3, write_tiny_llama, write_tiny_phi3, write_tiny_qwen2, write_tiny_qwen3
 
 import lminf_gguf
 
@@ -76,6 +77,52 @@ def test_qwen2_matches_reference(qwen2, mode, n_batch):
     err = rel_err(llm.logits(tokens), _ref_logits(ref, tokens, mode))
     print(f"qwen2 {mode} n_batch={n_batch}: relative error {err:.2e}")
     assert err <= EXACT, f"relative error {err:.2e}"
+
+
+# ------------------------------------------------------------------------------------------ the popular families
+
+FAMILIES = {
+    # llama 3.x: llama graph, rope base 500000, llama 3.1's per-dimension frequency divisors (rope_freqs.weight)
+    "llama3": lambda p: write_tiny_llama(p, rope_base=500000.0, rope_freqs=True, seed=41),
+    # mistral: llama graph (GGUF arch llama), 4 query heads per KV head, rope base 1e6
+    "mistral": lambda p: write_tiny_llama(p, n_head=8, n_head_kv=2, rope_base=1e6, seed=42),
+    "qwen3": lambda p: write_tiny_qwen3(p, seed=43),
+    "phi3": lambda p: write_tiny_phi3(p, seed=44),
+}
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for name, write in FAMILIES.items():
+        path = write(root / f"{name}.gguf")
+        out[name] = (path, load_gguf(path))
+    return out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("mode", ["vanilla", "mask", "lminf"])
+def test_popular_families_match_the_reference(families, family, mode):
+    path, ref = families[family]
+    tokens = random_tokens(T, seed=51)
+    if mode == "vanilla":
+        llm = open_exact(path, "vanilla", n_ctx=64, n_batch=7)
+    else:
+        llm = open_exact(path, mode, n_global=G, n_local=L, dist_max=C, n_batch=7)
+    err = rel_err(llm.logits(tokens), _ref_logits(ref, tokens, mode))
+    llm.close()
+    assert err <= EXACT, f"{family} {mode}: relative error {err:.2e}"
+
+
+def test_the_family_features_are_guarded(families):
+    """Each family's own feature moves the logits beyond 10x the tolerance (llama 3.1 divisors: 27x, over 55 tokens;
+    q/k norms: more), so the rows above test it."""
+    tokens = random_tokens(T, seed=51)
+    for family, feature in (("llama3", "rope_freqs.weight"), ("qwen3", "attn_q_norm.weight")):
+        _, ref = families[family]
+        without = RefModel(ref.hp, {k: v for k, v in ref.t.items() if not k.endswith(feature)})
+        assert rel_err(_ref_logits(without, tokens, "lminf"), _ref_logits(ref, tokens, "lminf")) > 10 * EXACT
 
 
 # ----------------------------------------------------------------------------------------------------- refusal

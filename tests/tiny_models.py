@@ -30,7 +30,8 @@ import numpy as np
 
 import gguf
 
-__all__ = ["write_tiny_llama", "write_tiny_qwen2", "write_tiny_gemma3", "write_tiny_alibi"]
+__all__ = ["write_tiny_llama", "write_tiny_qwen2", "write_tiny_qwen3", "write_tiny_phi3", "write_tiny_gemma3",
+           "write_tiny_alibi"]
 
 
 def _as_dtype(arr: np.ndarray, dtype: str):
@@ -65,6 +66,19 @@ def write_tiny_qwen2(path: Union[str, os.PathLike], **kwargs) -> str:
     return _write_tiny(path, arch="qwen2", **kwargs)
 
 
+def write_tiny_qwen3(path: Union[str, os.PathLike], **kwargs) -> str:
+    """A tiny random qwen3 GGUF: llama's layout without biases plus per-head RMS norms of q and k
+    (``blk.N.attn_{q,k}_norm.weight`` [head_dim], applied before RoPE), rope type NEOX."""
+    return _write_tiny(path, arch="qwen3", **kwargs)
+
+
+def write_tiny_phi3(path: Union[str, os.PathLike], **kwargs) -> str:
+    """A tiny random phi3 GGUF: fused ``attn_qkv`` [n_embd + 2 n_embd_kv, n_embd], fused ``ffn_up``
+    [2 n_ff, n_embd] (gate rows first: SwiGLU of the two halves), no ffn_gate, rope type NEOX,
+    ``n_head*head_dim == n_embd``."""
+    return _write_tiny(path, arch="phi3", **kwargs)
+
+
 def _write_tiny(
     path: Union[str, os.PathLike],
     *,
@@ -82,17 +96,20 @@ def _write_tiny(
     seed: int = 0,
     rms_eps: float = 1e-5,
     qk_gain: float = 1.5,
+    rope_freqs: bool = False,
 ) -> str:
-    """Write a tiny random ``arch`` ("llama" or "qwen2") GGUF; return ``str(path)``.
+    """Write a tiny random ``arch`` ("llama", "qwen2", "qwen3", "phi3") GGUF; return ``str(path)``.
 
     rope_scaling: None, ("linear", factor) or ("yarn", factor, orig_ctx).
     dtype: "f32", "f16" or "q8_0" for the 2-D weight matrices (norm weights
     always f32; q8_0 needs n_embd and n_ff multiples of 32).
     qk_gain: q/k projection std is qk_gain/sqrt(n_embd), so that per-head
     attention scores have std ~qk_gain**2 (peaky, non-degenerate softmax).
+    rope_freqs: llama 3.1's per-dimension frequency divisors (``rope_freqs.weight``
+    [head_dim/2]: 1 for the high frequencies up to 8 for the low ones).
     """
     path = str(path)
-    assert arch in ("llama", "qwen2"), arch
+    assert arch in ("llama", "qwen2", "qwen3", "phi3"), arch
     assert n_embd % n_head == 0, "n_embd must be divisible by n_head"
     assert n_head % n_head_kv == 0, "n_head must be divisible by n_head_kv"
     head_dim = n_embd // n_head
@@ -112,7 +129,8 @@ def _write_tiny(
     }[dtype]
 
     w = gguf.GGUFWriter(path, arch)
-    w.add_name(f"tiny-random-{arch}")
+    # (llama.cpp's vocabulary loader expects phi-3's special tokens in a model *named* phi3: not this one)
+    w.add_name(f"tiny-random-{arch}" if arch != "phi3" else "tiny-random-phi-three")
     w.add_context_length(n_ctx_train)
     w.add_embedding_length(n_embd)
     w.add_block_count(n_layer)
@@ -167,12 +185,25 @@ def _write_tiny(
 
     qk_std = qk_gain / np.sqrt(n_embd)
     add("token_embd.weight", randn(n_vocab, n_embd, std=1.0))
+    if rope_freqs:
+        half = head_dim // 2
+        add("rope_freqs.weight", np.concatenate([np.ones(half - half // 2), np.linspace(2.0, 8.0, half // 2)]),
+            mat=False)
     for il in range(n_layer):
         p = f"blk.{il}."
         add(p + "attn_norm.weight", 1.0 + randn(n_embd, std=0.1), mat=False)
-        add(p + "attn_q.weight", randn(n_head * head_dim, n_embd, std=qk_std))
-        add(p + "attn_k.weight", randn(n_head_kv * head_dim, n_embd, std=qk_std))
-        add(p + "attn_v.weight", randn(n_head_kv * head_dim, n_embd, std=1.0 / np.sqrt(n_embd)))
+        wq = randn(n_head * head_dim, n_embd, std=qk_std)
+        wk = randn(n_head_kv * head_dim, n_embd, std=qk_std)
+        wv = randn(n_head_kv * head_dim, n_embd, std=1.0 / np.sqrt(n_embd))
+        if arch == "phi3":
+            add(p + "attn_qkv.weight", np.concatenate([wq, wk, wv]))
+        else:
+            add(p + "attn_q.weight", wq)
+            add(p + "attn_k.weight", wk)
+            add(p + "attn_v.weight", wv)
+        if arch == "qwen3":
+            add(p + "attn_q_norm.weight", 1.0 + randn(head_dim, std=0.2), mat=False)
+            add(p + "attn_k_norm.weight", 1.0 + randn(head_dim, std=0.2), mat=False)
         if arch == "qwen2":
             # biases of the size of a typical row product, so that they matter (also through RoPE)
             add(p + "attn_q.bias", randn(n_head * head_dim, std=0.5 * qk_gain), mat=False)
@@ -180,8 +211,12 @@ def _write_tiny(
             add(p + "attn_v.bias", randn(n_head_kv * head_dim, std=0.5), mat=False)
         add(p + "attn_output.weight", randn(n_embd, n_head * head_dim, std=1.0 / np.sqrt(n_head * head_dim)))
         add(p + "ffn_norm.weight", 1.0 + randn(n_embd, std=0.1), mat=False)
-        add(p + "ffn_gate.weight", randn(n_ff, n_embd, std=1.0 / np.sqrt(n_embd)))
-        add(p + "ffn_up.weight", randn(n_ff, n_embd, std=1.0 / np.sqrt(n_embd)))
+        gate, up = randn(n_ff, n_embd, std=1.0 / np.sqrt(n_embd)), randn(n_ff, n_embd, std=1.0 / np.sqrt(n_embd))
+        if arch == "phi3":
+            add(p + "ffn_up.weight", np.concatenate([gate, up]))
+        else:
+            add(p + "ffn_gate.weight", gate)
+            add(p + "ffn_up.weight", up)
         add(p + "ffn_down.weight", randn(n_embd, n_ff, std=1.0 / np.sqrt(n_ff)))
     add("output_norm.weight", 1.0 + randn(n_embd, std=0.1), mat=False)
     add("output.weight", randn(n_vocab, n_embd, std=2.0 / np.sqrt(n_embd)))
