@@ -229,6 +229,26 @@ import json, os, runpy, sys
 tree, keys = sys.argv[1], json.loads(sys.argv[2])
 sys.path[:0] = [tree, os.path.join(tree, "gguf-py")]
 import gguf
+# Hugging Face's own class names of architectures the converter registers under their original authors' names
+# (transformers' MptForCausalLM writes the tensors of MosaicML's MPTForCausalLM)
+import conversion
+from conversion import base
+for alias, (module, cls) in {"MptForCausalLM": ("mpt", "MPTModel")}.items():
+    if alias not in conversion.TEXT_MODEL_MAP:
+        conversion.TEXT_MODEL_MAP[alias] = module
+        base.ModelBase._model_classes[base.ModelType.TEXT][alias] = getattr(
+            __import__("conversion." + module, fromlist=[cls]), cls)
+pre = os.environ.get("LMINF_PRE_TOKENIZER")
+if pre:
+    # a BPE tokenizer the converter does not recognise (its hash of a test text is unknown): the given llama.cpp
+    # pre-tokenizer name instead of an error
+    _pre = base.TextModel.get_vocab_base_pre
+    def get_vocab_base_pre(self, tokenizer):
+        try:
+            return _pre(self, tokenizer)
+        except NotImplementedError:
+            return pre
+    base.TextModel.get_vocab_base_pre = get_vocab_base_pre
 if keys:
     _write_header = gguf.GGUFWriter.write_header_to_file
     def write_header_to_file(self, *args, **kwargs):
@@ -248,6 +268,9 @@ def _converter_error(log: str, rc: int, src: Path, arch: str) -> Exception:
     if m:
         return ValueError(f"unknown architecture {m.group(1)} in {src / 'config.json'}: llama.cpp's converter "
                           "does not support it")
+    if "BPE pre-tokenizer was not recognized" in log:
+        return ValueError(f"llama.cpp's converter does not recognise the BPE pre-tokenizer of {src}: name the "
+                          "closest llama.cpp one with --pre-tokenizer (e.g. llama-bpe, qwen2, gpt-2, bloom)")
     m = re.search(r"No module named '([^']+)'", log)
     if m:
         return ImportError(f"llama.cpp's converter needs the Python package {m.group(1).split('.')[0]!r}: pip install "
@@ -258,9 +281,13 @@ def _converter_error(log: str, rc: int, src: Path, arch: str) -> Exception:
     return RuntimeError(f"llama.cpp's converter failed on {src} ({arch}): {detail[:400]}")
 
 
-def _run_converter(src: Path, out: Path, outtype: str, keys: Dict[str, int], arch: str, verbose: bool) -> None:
+def _run_converter(src: Path, out: Path, outtype: str, keys: Dict[str, int], arch: str, verbose: bool,
+                   pre_tokenizer: Optional[str] = None) -> None:
     tree = converter_dir()
     env = dict(os.environ)
+    env.pop("LMINF_PRE_TOKENIZER", None)
+    if pre_tokenizer:
+        env["LMINF_PRE_TOKENIZER"] = pre_tokenizer
     env["PYTHONPATH"] = os.pathsep.join([str(tree), str(tree / "gguf-py")]
                                         + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.pop("NO_LOCAL_GGUF", None)
@@ -330,7 +357,7 @@ def _quantize_into(src: Path, out: Path, quant: str, keys: Mapping[str, Optional
 
 def convert(src: PathLike, out: PathLike, outtype: str = "f16", quant: Optional[str] = None,
             n_global: Optional[int] = None, n_local: Optional[int] = None, dist_max: Optional[int] = None, *,
-            n_threads: Optional[int] = None, verbose: bool = False) -> str:
+            n_threads: Optional[int] = None, verbose: bool = False, pre_tokenizer: Optional[str] = None) -> str:
     """Convert a Hugging Face model to GGUF; optionally quantise it and store LM-Infinite defaults.
 
     src: a local Hugging Face model directory (config.json + safetensors or .bin weights + tokenizer files), or
@@ -339,6 +366,8 @@ def convert(src: PathLike, out: PathLike, outtype: str = "f16", quant: Optional[
     outtype: the converter's output type, f32 | f16 | bf16 | q8_0 (the float type quantisation starts from).
     quant: None, or Q4_K_M | Q4_0 | Q5_K_M | Q8_0 through llama_model_quantize.
     n_global, n_local, dist_max: written as the uint32 keys lminf.n_global / lminf.n_local / lminf.dist_max.
+    pre_tokenizer: llama.cpp's pre-tokenizer name to use when the converter does not recognise a BPE tokenizer
+        (a fine-tune's edited tokenizer.json); by default such a tokenizer is an error, as upstream.
     Returns the output path. Errors raise FileNotFoundError / ValueError / OSError / RuntimeError with one line, and
     leave no output file (work happens in temporary files next to `out`, renamed at the end).
     """
@@ -363,10 +392,10 @@ def convert(src: PathLike, out: PathLike, outtype: str = "f16", quant: Optional[
     mid = None
     try:
         if quant is None:
-            _run_converter(root, tmp.path, outtype, keys, arch, verbose)
+            _run_converter(root, tmp.path, outtype, keys, arch, verbose, pre_tokenizer)
         else:
             mid = _TempOutput(out, f"convert-{outtype}")
-            _run_converter(root, mid.path, outtype, keys, arch, verbose)
+            _run_converter(root, mid.path, outtype, keys, arch, verbose, pre_tokenizer)
             _quantize_into(mid.path, tmp.path, str(quant).upper(), {}, n_threads, verbose)
         tmp.commit()
     finally:
@@ -613,7 +642,8 @@ def print_info(path: Optional[PathLike] = None, file=None) -> None:
 
 def _cmd_convert(args) -> int:
     out = convert(args.src, args.outfile, outtype=args.outtype, quant=args.quant, n_global=args.n_global,
-                  n_local=args.n_local, dist_max=args.dist_max, n_threads=args.threads, verbose=args.verbose)
+                  n_local=args.n_local, dist_max=args.dist_max, n_threads=args.threads, verbose=args.verbose,
+                  pre_tokenizer=args.pre_tokenizer)
     d = describe(out)
     types = ", ".join(f"{k} {v}" for k, v in d["tensor_types"].items())
     print(f"wrote {out}: {d['architecture']}, {d['n_params'] / 1e6:.2f} M parameters ({types})")
@@ -660,6 +690,8 @@ def add_parsers(subparsers) -> None:
     c.add_argument("--n-local", type=int, metavar="L", help="store lminf.n_local (window)")
     c.add_argument("--dist-max", type=int, metavar="C", help="store lminf.dist_max (distance ceiling)")
     c.add_argument("-t", "--threads", type=int, help="quantisation threads (default: all cores)")
+    c.add_argument("--pre-tokenizer", metavar="NAME",
+                   help="llama.cpp pre-tokenizer for a BPE tokenizer the converter does not recognise (e.g. llama-bpe)")
     c.add_argument("--verbose", action="store_true", help="show the converter's and llama.cpp's log")
     c.set_defaults(func=_cmd_convert)
 
