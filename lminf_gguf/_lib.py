@@ -122,6 +122,7 @@ llama_lminf_dist_max = _bind("llama_lminf_dist_max", [llama_raw.llama_context_p_
 llama_lminf_flash_attn = _bind("llama_lminf_flash_attn", [llama_raw.llama_context_p_ctypes], ctypes.c_bool)
 llama_lminf_cache_size = _bind("llama_lminf_cache_size", [llama_raw.llama_context_p_ctypes], ctypes.c_uint32)
 llama_lminf_cache_used = _bind("llama_lminf_cache_used", [llama_raw.llama_context_p_ctypes], ctypes.c_uint32)
+llama_lminf_cache_size_swa = _bind("llama_lminf_cache_size_swa", [llama_raw.llama_context_p_ctypes], ctypes.c_uint32)
 
 # -- the log of our library: errors kept for exception messages, text shown only for verbose sessions -------------
 

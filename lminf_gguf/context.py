@@ -131,6 +131,7 @@ def session_info(llm) -> dict:
     """KV cells allocated and in use, the cells bound, and where the stream stands."""
     size, used = llm._cache.cells()
     bounded = MODES[llm.mode].bounded
+    swa = int(_lib.llama_lminf_cache_size_swa(llm.ctx))
     info = {
         "mode": llm.mode,
         "n_global": llm.n_global,
@@ -138,7 +139,10 @@ def session_info(llm) -> dict:
         "dist_max": llm.dist_max if MODES[llm.mode].ceiling else None,
         "cells_total": size,
         "cells_used": used,
-        "cells_bound": llm.n_global + llm.n_local + llm.n_ubatch if bounded else llm._cache.n_ctx,
+        # models with interleaved sliding-window layers: their local layers' own cache (its window + a ubatch,
+        # padded by llama.cpp) comes on top of LM-Infinite's G + L + ubatch cells for the global layers
+        "cells_bound": (llm.n_global + llm.n_local + llm.n_ubatch if bounded else llm._cache.n_ctx) + swa,
+        "cells_swa": swa,
         "n_tokens": llm._cache.n_seen,
         "position": llm._cache.pos,
         "rebases": llm._cache.n_rebase,

@@ -482,6 +482,9 @@ _NON_CAUSAL = {"bert", "modern-bert", "nomic-bert", "nomic-bert-moe", "neo-bert"
                "t5encoder", "gemma-embedding", "dream", "llada", "llada-moe", "rnd1"}
 # set sliding-window attention whatever the file says
 _ALWAYS_SWA = {"gemma2", "gemma3n", "gemma4", "cohere2", "gpt-oss", "gemma-embedding"}
+# interleaved sliding-window layers next to global ones (llama.cpp's iSWA cache): LM-Infinite goes on the global
+# layers (patch 0013); the others with a window have it on every layer (bounded already) or another pattern
+_ISWA = {"gemma2", "gemma3", "cohere2", "gpt-oss"}
 
 
 def attention_kind(arch: str, kv: Dict[str, Any]) -> str:
@@ -524,8 +527,8 @@ def _support(arch: str, kv: Dict[str, Any], tensors=()) -> Optional[str]:
             return "no position encoding (an MPT file without ALiBi)"
     elif arch in _NO_ROPE:
         return "neither rotary position embedding (RoPE) nor ALiBi"
-    if arch in _ALWAYS_SWA or (kv.get(a + "attention.sliding_window") or 0) > 0:
-        return "has its own sliding-window attention layers"
+    if arch not in _ISWA and (arch in _ALWAYS_SWA or (kv.get(a + "attention.sliding_window") or 0) > 0):
+        return "its sliding window is on every layer, or not interleaved with global layers as LM-Infinite needs"
     if a + "rope.dimension_sections" in kv:
         return "multi-section rotary embedding (M-RoPE)"
     if (kv.get(a + "attention.key_length_mla") or 0) > 0 or (kv.get(a + "attention.kv_lora_rank") or 0) > 0:

@@ -61,6 +61,13 @@ of q and k (its own weight) before RoPE. phi3: NEOX, fused QKV and a fused
 [gate; up] FFN projection. llama 3.1's ``rope_freqs.weight`` divides each
 dimension's frequency: ``theta_d = pos * base**(-2d/n_rot) / f_d``.
 
+gemma3 (interleaved sliding-window attention): embeddings times sqrt(n_embd),
+q/k RMS norms, NEOX RoPE, RMS norms after attention and after the FFN, a GEGLU
+FFN (ggml's table GELU), tied output. Layer il is *local* iff
+``il % pattern < pattern - 1``: it attends to the last ``sliding_window``
+positions (``p_i - p_j < window``) with its own rope base, in every mode;
+LM-Infinite (the modes above) applies to the *global* layers only.
+
 ALiBi archs (mpt, bloom; Press et al., "Train Short, Test Long", ICLR 2022): no
 RoPE; head h adds ``-m_h * (p_i - p_j)`` to its scaled scores, with the slopes
 of the ALiBi paper for ``max_bias`` (8): for n heads, n' = the largest power of
@@ -124,6 +131,9 @@ class HParams:
     attn_scale: float = 0.0  # 0 -> 1/sqrt(head_dim)
     rope_type: str = "norm"  # "norm" (adjacent pairs, llama) | "neox" (halves, qwen2) | "none" (ALiBi)
     alibi_max_bias: float = 0.0  # > 0: ALiBi (mpt, bloom)
+    swa_window: int = 0  # gemma3: the local layers' sliding window (0: none)
+    swa_pattern: int = 0  # gemma3: layer il is local iff il % pattern < pattern - 1
+    rope_base_swa: float = 0.0  # gemma3: the local layers' rope base
     norm_eps: float = 0.0  # LayerNorm epsilon (ALiBi archs)
 
 
@@ -169,7 +179,8 @@ def _field_value(reader: gguf.GGUFReader, key: str, default=None):
 
 
 # rope type per architecture (fixed by the architecture in llama.cpp, not a GGUF key)
-_ROPE_TYPE = {"llama": "norm", "qwen2": "neox", "qwen3": "neox", "phi3": "neox", "mpt": "none", "bloom": "none"}
+_ROPE_TYPE = {"llama": "norm", "qwen2": "neox", "qwen3": "neox", "phi3": "neox", "gemma3": "neox", "mpt": "none",
+              "bloom": "none"}
 
 
 def load_gguf(path) -> "RefModel":
@@ -230,6 +241,10 @@ def load_gguf(path) -> "RefModel":
         attn_scale=float(_field_value(r, a + "attention.scale", 0.0) or 0.0),
         rope_type=_ROPE_TYPE[arch],
     )
+    if arch == "gemma3":
+        hp.swa_window = int(_field_value(r, a + "attention.sliding_window", 0) or 0)
+        hp.swa_pattern = int(_field_value(r, a + "attention.sliding_window_pattern", 6) or 6)
+        hp.rope_base_swa = float(_field_value(r, a + "rope.freq_base_swa", hp.rope_base))
     if hp.n_rot != hp.head_dim:
         raise NotImplementedError("partial rotary (n_rot != head_dim) not supported")
     return RefModel(hp, tensors)
@@ -276,13 +291,13 @@ class RefModel:
         self.t = tensors
 
     # ------------------------------------------------------------------ rope
-    def rope_cos_sin(self, pos) -> tuple:
+    def rope_cos_sin(self, pos, base: Optional[float] = None) -> tuple:
         """cos, sin (already multiplied by the YaRN magnitude factor) of shape
-        [len(pos), n_rot/2] for integer/float positions ``pos``."""
+        [len(pos), n_rot/2] for integer/float positions ``pos`` (base: another rope base than the model's)."""
         hp = self.hp
         pos = torch.as_tensor(pos, dtype=DT).reshape(-1, 1)
         d = torch.arange(hp.n_rot // 2, dtype=DT)
-        inv_freq = hp.rope_base ** (-2.0 * d / hp.n_rot)  # [n_rot/2]
+        inv_freq = (base or hp.rope_base) ** (-2.0 * d / hp.n_rot)  # [n_rot/2]
         if "rope_freqs.weight" in self.t:  # llama 3.1's per-dimension divisors
             inv_freq = inv_freq / self.t["rope_freqs.weight"]
         theta_extrap = pos * inv_freq  # [P, n_rot/2]
@@ -319,13 +334,13 @@ class RefModel:
         end = math.ceil(corr_dim(hp.yarn_beta_slow))
         return max(0.0, float(start)), min(float(hp.n_rot - 1), float(end))
 
-    def rope(self, x: torch.Tensor, pos) -> torch.Tensor:
+    def rope(self, x: torch.Tensor, pos, base: Optional[float] = None) -> torch.Tensor:
         """Rotate x [P, H, D] at positions pos (len P, or a scalar for all)."""
         P = x.shape[0]
         pos = torch.as_tensor(pos, dtype=DT)
         if pos.ndim == 0:
             pos = pos.expand(P)
-        cos, sin = self.rope_cos_sin(pos)  # [P, D/2]
+        cos, sin = self.rope_cos_sin(pos, base)  # [P, D/2]
         cos = cos[:, None, :]
         sin = sin[:, None, :]
         out = torch.empty_like(x)
@@ -413,6 +428,13 @@ class RefModel:
             return self._attention_alibi(il, q, k, v, dist, causal, mode, n_global, n_local, dist_max, scale, topk,
                                          pj)
 
+        if self.is_local(il):  # gemma3's local layers: their own window, their own rope base; LM-Infinite leaves them
+            qr, kr = self.rope(q, pos, hp.rope_base_swa), self.rope(k, pos, hp.rope_base_swa)
+            s = torch.einsum("ihd,jhd->hij", qr, kr) * scale
+            s = s.masked_fill(~(causal & (dist < hp.swa_window))[None], float("-inf"))
+            o = torch.einsum("hij,jhd->ihd", torch.softmax(s, dim=-1), v).reshape(T, hp.n_head * D)
+            return o @ t[p + "attn_output.weight"].T
+
         qr = self.rope(q, pos)
         kr = self.rope(k, pos)
         s_near = torch.einsum("ihd,jhd->hij", qr, kr) * scale  # [H, T, T]
@@ -445,6 +467,10 @@ class RefModel:
         a = torch.softmax(s, dim=-1)
         o = torch.einsum("hij,jhd->ihd", a, v).reshape(T, hp.n_head * D)
         return o @ t[p + "attn_output.weight"].T
+
+    def is_local(self, il: int) -> bool:
+        hp = self.hp
+        return hp.swa_window > 0 and il % hp.swa_pattern < hp.swa_pattern - 1
 
     def _attention_alibi(self, il, q, k, v, dist, causal, mode, n_global, n_local, dist_max, scale, topk, pj):
         hp = self.hp
@@ -493,6 +519,10 @@ class RefModel:
                 u = u + t[p + "ffn_up.bias"]
             o = gelu_f16_table(u) @ t[p + "ffn_down.weight"].T
             return o + t[p + "ffn_down.bias"] if p + "ffn_down.bias" in t else o
+        if self.hp.arch == "gemma3":  # GEGLU, ggml's table GELU
+            g = h @ t[p + "ffn_gate.weight"].T
+            u = h @ t[p + "ffn_up.weight"].T
+            return (gelu_f16_table(g) * u) @ t[p + "ffn_down.weight"].T
         if p + "ffn_gate.weight" not in t:  # phi3: fused [gate; up]
             gu = h @ t[p + "ffn_up.weight"].T
             g, u = gu[:, :gu.shape[1] // 2], gu[:, gu.shape[1] // 2:]
@@ -530,6 +560,17 @@ class RefModel:
         x = t["token_embd.weight"][tok]
         if "token_embd_norm.weight" in t:  # bloom
             x = self._layernorm(x, "token_embd_norm")
+        if hp.arch == "gemma3":  # embeddings scaled by sqrt(n_embd); norms after attention and FFN too
+            x = x * math.sqrt(hp.n_embd)
+            for il in range(hp.n_layer):
+                p = f"blk.{il}."
+                h = self._rmsnorm(x, t[p + "attn_norm.weight"])
+                h = self._attention(il, h, pos, mode, n_global, n_local, dist_max, topk)
+                x = x + self._rmsnorm(h, t[p + "post_attention_norm.weight"])
+                h = self._ffn(il, self._rmsnorm(x, t[p + "ffn_norm.weight"]))
+                x = x + self._rmsnorm(h, t[p + "post_ffw_norm.weight"])
+            x = self._rmsnorm(x, t["output_norm.weight"])
+            return (x @ t["token_embd.weight"].T).numpy()
         for il in range(hp.n_layer):
             h = self._norm(x, f"blk.{il}.attn_norm")
             x = x + self._attention(il, h, pos, mode, n_global, n_local, dist_max, topk)

@@ -244,8 +244,8 @@ def test_set_metadata_round_trip(f32_gguf, tmp_path):
 
 def test_describe_refuses_what_the_engine_refuses(tmp_path):
     swa = cv.describe(write_tiny_gemma3(tmp_path / "swa.gguf", sliding_window=8, sliding_window_pattern=2))
-    assert swa["architecture"] == "gemma3" and not swa["lminf_supported"]
-    assert "sliding-window" in swa["lminf_reason"]
+    assert swa["architecture"] == "gemma3" and swa["lminf_supported"]  # LM-Infinite on its global layers
+    assert "interleaved sliding-window" in swa["attention"]
     plain = cv.describe(write_tiny_gemma3(tmp_path / "plain.gguf", sliding_window=0))
     assert plain["lminf_supported"], plain["lminf_reason"]
     # the rules on keys and architecture names
@@ -263,7 +263,9 @@ def test_describe_refuses_what_the_engine_refuses(tmp_path):
     assert cv.attention_kind("llama", {}) == "RoPE"
     assert "sliding-window" in cv.attention_kind("gemma3", {"gemma3.attention.sliding_window": 512,
                                                             "gemma3.attention.sliding_window_pattern": 6})
-    assert "sliding-window" in cv._support("gemma2", {})
+    assert cv._support("gemma2", {}) is None  # interleaved: LM-Infinite on the global layers
+    assert "every layer" in cv._support("gemma3n", {})
+    assert "every layer" in cv._support("mistral3", {"mistral3.attention.sliding_window": 4096})
     assert "M-RoPE" in cv._support("qwen2vl", {"qwen2vl.rope.dimension_sections": [16, 24, 24, 0]})
     assert "MLA" in cv._support("deepseek2", {"deepseek2.attention.kv_lora_rank": 512})
     assert cv._support("qwen2", {"qwen2.attention.sliding_window": 0}) is None

@@ -14,8 +14,8 @@ Rope: arch llama uses rope type NORM (rotates adjacent pairs), arch qwen2 rope
 type NEOX (rotates halves).  Since weights are random no HF->GGUF q/k permutation
 is involved.
 
-``write_tiny_gemma3`` writes a gemma3 model with sliding-window layers, only for
-tests that LM-Infinite refuses it; there is no reference implementation of it.
+``write_tiny_gemma3`` writes a gemma3 model with interleaved sliding-window
+layers (the reference implements it).
 
 ``write_tiny_alibi`` writes the ALiBi architectures (mpt, bloom): LayerNorm,
 fused QKV, GELU FFN, no RoPE; the reference implements both.
@@ -257,6 +257,9 @@ def write_tiny_gemma3(
     sliding_window: int = 8,
     sliding_window_pattern: int = 2,
     seed: int = 0,
+    rope_base: float = 10000.0,
+    rope_base_swa: Optional[float] = None,
+    qk_gain: float = 1.0,
 ) -> str:
     """Write a tiny random gemma3 GGUF (f32) with sliding-window layers; return ``str(path)``.
 
@@ -265,7 +268,9 @@ def write_tiny_gemma3(
     ``attention.sliding_window_pattern`` (layer il is a window layer iff
     il % pattern < pattern - 1); per layer attn_norm, attn_{q,k,v,output},
     attn_{q,k}_norm [head_dim], post_attention_norm, ffn_norm,
-    ffn_{gate,up,down}, post_ffw_norm.  Only for load/refusal tests.
+    ffn_{gate,up,down}, post_ffw_norm (norm weights around 1, as converted files
+    store them); rope_base for the global layers, rope_base_swa
+    (``rope.freq_base_swa``) for the local ones. The reference implements it.
     """
     path = str(path)
     head_dim = n_embd // n_head
@@ -285,7 +290,9 @@ def write_tiny_gemma3(
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(float(rope_base))
+    if rope_base_swa is not None:
+        w.add_float32("gemma3.rope.freq_base_swa", float(rope_base_swa))
     w.add_sliding_window(sliding_window)
     w.add_uint32("gemma3.attention.sliding_window_pattern", sliding_window_pattern)
     w.add_vocab_size(n_vocab)
@@ -293,23 +300,28 @@ def write_tiny_gemma3(
     _add_spm_vocab(w, n_vocab)
 
     s = 1.0 / np.sqrt(n_embd)
+
+    def norm(n):
+        return 1.0 + randn(n, std=0.1)
+
     w.add_tensor("token_embd.weight", randn(n_vocab, n_embd, std=s))
     for il in range(n_layer):
         p = f"blk.{il}."
-        w.add_tensor(p + "attn_norm.weight", randn(n_embd, std=0.1))
+        w.add_tensor(p + "attn_norm.weight", norm(n_embd))
         w.add_tensor(p + "attn_q.weight", randn(n_head * head_dim, n_embd, std=s))
         w.add_tensor(p + "attn_k.weight", randn(n_head_kv * head_dim, n_embd, std=s))
         w.add_tensor(p + "attn_v.weight", randn(n_head_kv * head_dim, n_embd, std=s))
         w.add_tensor(p + "attn_output.weight", randn(n_embd, n_head * head_dim, std=s))
-        w.add_tensor(p + "attn_q_norm.weight", randn(head_dim, std=0.1))
-        w.add_tensor(p + "attn_k_norm.weight", randn(head_dim, std=0.1))
-        w.add_tensor(p + "post_attention_norm.weight", randn(n_embd, std=0.1))
-        w.add_tensor(p + "ffn_norm.weight", randn(n_embd, std=0.1))
+        # q/k norms set the score scale: qk_gain around sqrt(head_dim) gives a peaky, non-degenerate softmax
+        w.add_tensor(p + "attn_q_norm.weight", qk_gain * norm(head_dim))
+        w.add_tensor(p + "attn_k_norm.weight", qk_gain * norm(head_dim))
+        w.add_tensor(p + "post_attention_norm.weight", norm(n_embd))
+        w.add_tensor(p + "ffn_norm.weight", norm(n_embd))
         w.add_tensor(p + "ffn_gate.weight", randn(n_ff, n_embd, std=s))
         w.add_tensor(p + "ffn_up.weight", randn(n_ff, n_embd, std=s))
         w.add_tensor(p + "ffn_down.weight", randn(n_embd, n_ff, std=1.0 / np.sqrt(n_ff)))
-        w.add_tensor(p + "post_ffw_norm.weight", randn(n_embd, std=0.1))
-    w.add_tensor("output_norm.weight", randn(n_embd, std=0.1))
+        w.add_tensor(p + "post_ffw_norm.weight", norm(n_embd))
+    w.add_tensor("output_norm.weight", norm(n_embd))
 
     w.write_header_to_file()
     w.write_kv_data_to_file()
