@@ -374,7 +374,8 @@ class LMInfinite:
 
     @in_use
     def chat_formatter(self):
-        """The Jinja2 chat formatter of this model: the GGUF tokenizer.chat_template, or CHATML_TEMPLATE."""
+        """The Jinja2 chat formatter of this model: the GGUF tokenizer.chat_template, or a fallback (Gemma's turns
+        for gemma models, else ChatML)."""
         return responses.chat_formatter(self)
 
     def render_chat(self, messages: List[dict]) -> str:

@@ -17,10 +17,29 @@ from .errors import InvalidInputError
 from .generate import stop_list
 from .options import MAX_LOGPROBS, MAX_N
 
-# the fallback chat template when the GGUF file has none, or one that cannot be rendered
+# the fallback chat templates when the GGUF file has none, or one that cannot be rendered: the family's own turn
+# format where the architecture says which (FALLBACK_TEMPLATES), else ChatML
 CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
                    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
                    "{% endif %}")
+
+
+# Gemma's turns (it has no system role: a system message opens the next user turn); "<end_of_turn>" ends a turn
+GEMMA_TEMPLATE = ("{{ bos_token }}{% set ns = namespace(sys='') %}{% for m in messages %}{% if m['role'] == 'system' %}"
+                  "{% set ns.sys = ns.sys + m['content'] + '\\n\\n' %}{% else %}{{ '<start_of_turn>' + ('model' if "
+                  "m['role'] == 'assistant' else 'user') + '\\n' + (ns.sys if m['role'] != 'assistant' else '') + "
+                  "m['content'] + '<end_of_turn>\\n' }}{% if m['role'] != 'assistant' %}{% set ns.sys = '' %}{% endif %}"
+                  "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+
+# general.architecture prefix -> (name, template, the string that ends the model's turn)
+FALLBACK_TEMPLATES = {"gemma": ("gemma", GEMMA_TEMPLATE, "<end_of_turn>")}
+CHATML = ("chatml", CHATML_TEMPLATE, "<|im_end|>")
+
+
+def fallback_template(llm) -> tuple:
+    """(name, Jinja2 template, end-of-turn string) used when the GGUF file's own template is missing or fails."""
+    arch = str(llm.metadata.get("general.architecture", ""))
+    return next((v for k, v in FALLBACK_TEMPLATES.items() if arch.startswith(k)), CHATML)
 
 
 @dataclass
@@ -211,7 +230,7 @@ def _completion_chunks(head: dict, events, with_logprobs: bool, usage: Optional[
 
 
 def chat_formatter(llm):
-    """The Jinja2 chat formatter of this model: the GGUF tokenizer.chat_template, or CHATML_TEMPLATE."""
+    """The Jinja2 chat formatter of this model: the GGUF tokenizer.chat_template, or fallback_template's."""
     if llm._formatter is None:
         Jinja2ChatFormatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter
 
@@ -229,8 +248,9 @@ def chat_formatter(llm):
                 formatter(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
             except Exception:  # a template jinja2 cannot compile or render: use the fallback
                 formatter = None
-        llm._template_source = "gguf" if formatter is not None else "chatml-fallback"
-        llm._formatter = formatter or Jinja2ChatFormatter(CHATML_TEMPLATE, eos_token=eos, bos_token=bos)
+        name, fallback, _ = fallback_template(llm)
+        llm._template_source = "gguf" if formatter is not None else f"{name}-fallback"
+        llm._formatter = formatter or Jinja2ChatFormatter(fallback, eos_token=eos, bos_token=bos)
         llm._bos_text = bos
     return llm._formatter
 
@@ -244,7 +264,7 @@ def render_chat(llm, messages: List[dict]) -> str:
         if llm._template_source != "gguf":
             raise
         Jinja2ChatFormatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter
-        return Jinja2ChatFormatter(CHATML_TEMPLATE, eos_token="", bos_token="")(messages=messages).prompt
+        return Jinja2ChatFormatter(fallback_template(llm)[1], eos_token="", bos_token="")(messages=messages).prompt
 
 
 def held_prefix(llm, messages: List[dict]) -> int:
@@ -272,7 +292,8 @@ def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int],
     already holds (the previous prompt plus the reply as generated), only the new part is evaluated;
     otherwise the prompt is evaluated from scratch. The KV cache stays bounded however long the history.
     usage.prompt_tokens counts the tokens evaluated by this call (the new part only, when reused). The
-    template is the GGUF tokenizer.chat_template, or CHATML_TEMPLATE when there is none or it fails.
+    template is the GGUF tokenizer.chat_template, or the family's own (Gemma) or ChatML when there is none or it
+    fails.
     n choices are generated one after another (the first may reuse the held prefix, the others evaluate the
     prompt again; the sequence then holds the last one). logprobs=True gives each content token's
     log-probability, top_logprobs (0..20) its most likely alternatives; stream_options as in create_completion.
@@ -300,7 +321,7 @@ def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int],
         add_bos = not (llm._bos_text and prompt.startswith(llm._bos_text))
         tokens = tokenize_chat(llm, data, 0, spans, add_bos)
         runs += [_Run(tokens, True, data, None, _seeded(sampling, i)) for i in range(len(runs), n)]
-    stops = stop_list(stop) + ["<|im_end|>"] * (llm._template_source != "gguf")
+    stops = stop_list(stop) + [fallback_template(llm)[2]] * (llm._template_source != "gguf")
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     events = _events(llm, runs, max_tokens, stops, None, k, usage)
     head = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": llm.model_name}

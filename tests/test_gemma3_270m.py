@@ -47,8 +47,9 @@ def test_lminf_equals_vanilla_while_the_window_covers_the_text(model):
 
 
 def test_a_stream_past_the_window_stays_bounded_and_sane(model):
-    with lminf_gguf.LMInfinite(model, n_global=4, n_local=512, n_batch=128, n_threads=2) as llm:
-        nll = np.asarray(llm.nll(TEXT * 12))  # ~1,100 tokens: twice the window, rebased
+    # ~1,100 tokens: twice the window; rebased at 700 (the default would wait until G + 2L + n_batch = 1,156)
+    with lminf_gguf.LMInfinite(model, n_global=4, n_local=512, n_batch=128, n_threads=2, rebase_at=700) as llm:
+        nll = np.asarray(llm.nll(TEXT * 12))
         info = llm.cache_info()
         assert np.isfinite(nll).all() and info["rebases"] > 0
         assert info["cells_used"] <= info["cells_bound"]
@@ -60,6 +61,12 @@ def test_generation_and_chat_with_its_template(model):
     with lminf_gguf.LMInfinite(model, n_local=512, n_batch=64, n_threads=2) as llm:
         text = llm.generate("The capital of France is", max_tokens=8, temperature=0)
         assert text.strip()
-        out = llm.create_chat_completion([{"role": "user", "content": "Say hello in one word."}], max_tokens=8,
-                                         temperature=0)
-        assert llm._template_source == "gguf" and out["choices"][0]["message"]["content"].strip()
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
+        prompt = llm.render_chat(messages)
+        # this file carries no chat template: Gemma's own turns, not ChatML (no system role: it opens the user turn)
+        assert llm._template_source == "gemma-fallback"
+        # (BOS is a token, added when the prompt is tokenised, not text in it)
+        assert prompt == "<start_of_turn>user\nBe brief.\n\nSay hello.<end_of_turn>\n<start_of_turn>model\n"
+        out = llm.create_chat_completion(messages, max_tokens=8, temperature=0)
+        reply = out["choices"][0]["message"]["content"]
+        assert reply.strip() and "<end_of_turn>" not in reply and "<start_of_turn>" not in reply
