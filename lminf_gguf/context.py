@@ -118,7 +118,7 @@ def new_context(llm, cparams, n_ctx: Optional[int], topk_params) -> Optional[int
 
 def topk_params(k: int, layer_first: int, dist: int, store_type: str, seg_rows: int, block: int, n_blocks: int,
                 store_dir) -> "_lib.llama_lminf_topk_params":
-    """llama_lminf_topk_params (patch 0005) from LMInfinite's top-k arguments."""
+    """llama_lminf_topk_params (patches 0005-0007) from LMInfinite's top-k arguments."""
     params = _lib.llama_lminf_topk_default_params()
     params.k, params.layer_first, params.dist = k, layer_first, dist
     params.type, params.seg_rows = STORE_TYPES[store_type], seg_rows

@@ -103,7 +103,7 @@ MAX_LOGPROBS = 20
 
 @dataclass(frozen=True)
 class TopK:
-    """lminf-topk defaults, mirroring llama_lminf_topk_params (patch 0005); the paper's k = 5 from layer 4."""
+    """lminf-topk defaults, mirroring llama_lminf_topk_params (patches 0005-0007); the paper's k = 5 from layer 4."""
     k: int = 5
     layer_first: int = 4
     store_type: str = "f16"

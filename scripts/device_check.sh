@@ -24,7 +24,7 @@ ls $SITE/lminf_gguf/lib
 LIB=$SITE/lminf_gguf/lib
 g++ -O2 -std=c++17 third_party/llama.cpp/tests/test-backend-ops.cpp -Ithird_party/llama.cpp/ggml/include \
     -L$LIB -lggml-lminf -lggml-base-lminf -Wl,-rpath,$LIB -o /tmp/test-backend-ops
-# FLASH_ATTN_EXT includes test_flash_attn_ext_kq_bias (patch 0007): "not supported" on CUDA until it implements the bias
+# FLASH_ATTN_EXT includes test_flash_attn_ext_kq_bias (patch 0009): "not supported" on CUDA until it implements the bias
 for op in ROPE CPY SUB MUL ADD SET SOFT_MAX SET_ROWS TOP_K GET_ROWS CONCAT SUM_ROWS RELU FLASH_ATTN_EXT; do
     /tmp/test-backend-ops test -o $op -b CUDA0 2>&1 | grep -E "tests passed|FAIL|Backend CUDA0" | tail -2
 done | tee "$OUT/backend_ops.txt"

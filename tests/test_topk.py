@@ -1,4 +1,4 @@
-"""Mode "lminf-topk" (top-k middle tokens, patch 0005) against the PyTorch reference's TopK extension.
+"""Mode "lminf-topk" (top-k middle tokens, patches 0005-0007) against the PyTorch reference's TopK extension.
 
 The engine decodes a stream in ubatches of n_batch tokens; the last row of each picks middle tokens, so the
 reference is given those rows. Bounds as in test_attention_exact.py: 1e-4 with f32 weights, KV cache and store;
