@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -38,14 +38,14 @@ from . import context
 from .context import SessionUse, context_params, in_use, in_use_stream, new_context
 from .errors import Cancelled, ContextFullError, InvalidInputError, SessionBusyError, StateError
 from .models import Model, lminf_defaults
-from .options import CHAT_TEMPERATURE, MODES, SAMPLING, SESSION, TOPK, check_session_args, sampling_args
+from .options import MODES, SAMPLING, SESSION, TOPK, check_session_args, sampling_args
 from .responses import CHATML_TEMPLATE
 
 __all__ = ["LMInfinite", "ContextFullError", "Cancelled", "StateError", "SessionBusyError", "InvalidInputError",
            "MODES", "CHATML_TEMPLATE"]
 
 
-class LMInfinite:
+class LMInfinite(responses.OpenAIStyle, state.StateFiles):
     """A GGUF model with an unbounded stream of tokens and a bounded KV cache.
 
     model: path of a GGUF file, hf:OWNER/REPO/FILE.gguf, None for the offline default model (SmolLM2-135M-Instruct
@@ -348,77 +348,3 @@ class LMInfinite:
         """generate.pieces() as a use of this session (it lasts until the stream ends or is closed)."""
         yield from generate.pieces(self, tokens, fresh, max_tokens, stops=stops, progress=progress, text=text,
                                    info=info, logprobs=logprobs, prompt_logprobs=prompt_logprobs, **sampling)
-
-    # -- OpenAI-style API (the dict shapes of llama-cpp-python's Llama; responses.py) ---------------------------
-
-    @property
-    def model_name(self) -> str:
-        return os.path.basename(self.model_path)
-
-    def create_completion(self, prompt: Union[str, Sequence[int]], max_tokens: Optional[int] = 16,
-                          temperature: float = SAMPLING.temperature, top_p: float = SAMPLING.top_p,
-                          top_k: int = SAMPLING.top_k, min_p: float = SAMPLING.min_p,
-                          repeat_penalty: float = SAMPLING.repeat_penalty, seed: Optional[int] = None,
-                          stop: Union[str, List[str], None] = None, stream: bool = False, fresh: bool = True,
-                          progress: Optional[Callable[[int, int], None]] = None,
-                          frequency_penalty: float = SAMPLING.frequency_penalty,
-                          presence_penalty: float = SAMPLING.presence_penalty,
-                          logit_bias: Optional[Dict[int, float]] = None, grammar=None, n: int = 1,
-                          logprobs: Optional[int] = None, echo: bool = False, stream_options: Optional[dict] = None):
-        sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty,
-                                  presence_penalty, logit_bias, grammar)
-        return responses.create_completion(self, prompt, max_tokens, sampling, stop, stream, fresh, progress, n=n,
-                                           logprobs=logprobs, echo=echo, stream_options=stream_options)
-
-    create_completion.__doc__ = responses.create_completion.__doc__
-
-    @in_use
-    def chat_formatter(self):
-        """The Jinja2 chat formatter of this model: the GGUF tokenizer.chat_template, or a fallback (Gemma's turns
-        for gemma models, else ChatML)."""
-        return responses.chat_formatter(self)
-
-    def render_chat(self, messages: List[dict]) -> str:
-        """The prompt for messages: the model's chat template (falling back to ChatML when it fails)."""
-        return responses.render_chat(self, messages)
-
-    def held_prefix(self, messages: List[dict]) -> int:
-        """Bytes of the rendered conversation this session already holds (0: a chat would start afresh)."""
-        return responses.held_prefix(self, messages)
-
-    def create_chat_completion(self, messages: List[dict], max_tokens: Optional[int] = None,
-                               temperature: float = CHAT_TEMPERATURE, top_p: float = SAMPLING.top_p,
-                               top_k: int = SAMPLING.top_k, min_p: float = SAMPLING.min_p,
-                               repeat_penalty: float = SAMPLING.repeat_penalty, seed: Optional[int] = None,
-                               stop: Union[str, List[str], None] = None, stream: bool = False,
-                               frequency_penalty: float = SAMPLING.frequency_penalty,
-                               presence_penalty: float = SAMPLING.presence_penalty,
-                               logit_bias: Optional[Dict[int, float]] = None, grammar=None,
-                               response_format: Optional[dict] = None, n: int = 1, logprobs: Optional[bool] = None,
-                               top_logprobs: Optional[int] = None, stream_options: Optional[dict] = None):
-        grammar = responses.response_format_grammar(response_format) if response_format else grammar
-        sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty,
-                                  presence_penalty, logit_bias, grammar)
-        return responses.create_chat_completion(self, messages, max_tokens, sampling, stop, stream, n=n,
-                                                logprobs=logprobs, top_logprobs=top_logprobs,
-                                                stream_options=stream_options)
-
-    create_chat_completion.__doc__ = responses.create_chat_completion.__doc__
-
-    # -- state files (state.py) -------------------------------------------------------------------------------
-
-    def model_id(self) -> str:
-        """Identity of the model file stored in state files (see state.model_id)."""
-        return state.model_id(self)
-
-    @in_use
-    def save_state(self, path: Union[str, os.PathLike], extra: Optional[dict] = None) -> int:
-        return state.save_state(self, path, extra)
-
-    save_state.__doc__ = state.save_state.__doc__
-
-    @in_use
-    def load_state(self, path: Union[str, os.PathLike]) -> dict:
-        return state.load_state(self, path)
-
-    load_state.__doc__ = state.load_state.__doc__

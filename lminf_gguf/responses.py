@@ -9,13 +9,15 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Union
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from . import inputs
 from ._lib import llama_cpp, llama_raw
 from .errors import InvalidInputError
+from .context import in_use
 from .generate import stop_list
-from .options import MAX_LOGPROBS, MAX_N
+from .options import CHAT_TEMPERATURE, MAX_LOGPROBS, MAX_N, SAMPLING
 
 # the fallback chat templates when the GGUF file has none, or one that cannot be rendered: the family's own turn
 # format where the architecture says which (FALLBACK_TEMPLATES), else ChatML
@@ -457,3 +459,66 @@ def _check_schema_size(schema) -> None:
             stack.extend((v, depth + 1) for v in node.values())
         elif isinstance(node, list):
             stack.extend((v, depth + 1) for v in node)
+
+
+# the module functions under other names: the mixin's methods of the same names shadow them in its class body
+_completion, _chat_completion = create_completion, create_chat_completion
+
+
+class OpenAIStyle:
+    """LMInfinite's OpenAI-shaped methods (the dict shapes and keyword names of llama-cpp-python's Llama), over the
+    functions above; a mixin of LMInfinite, which provides _sampling, _use and the session."""
+
+    @property
+    def model_name(self) -> str:
+        return os.path.basename(self.model_path)
+
+    def create_completion(self, prompt: Union[str, Sequence[int]], max_tokens: Optional[int] = 16,
+                          temperature: float = SAMPLING.temperature, top_p: float = SAMPLING.top_p,
+                          top_k: int = SAMPLING.top_k, min_p: float = SAMPLING.min_p,
+                          repeat_penalty: float = SAMPLING.repeat_penalty, seed: Optional[int] = None,
+                          stop: Union[str, List[str], None] = None, stream: bool = False, fresh: bool = True,
+                          progress: Optional[Callable[[int, int], None]] = None,
+                          frequency_penalty: float = SAMPLING.frequency_penalty,
+                          presence_penalty: float = SAMPLING.presence_penalty,
+                          logit_bias: Optional[Dict[int, float]] = None, grammar=None, n: int = 1,
+                          logprobs: Optional[int] = None, echo: bool = False, stream_options: Optional[dict] = None):
+        sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty,
+                                  presence_penalty, logit_bias, grammar)
+        return _completion(self, prompt, max_tokens, sampling, stop, stream, fresh, progress, n=n,
+                                           logprobs=logprobs, echo=echo, stream_options=stream_options)
+
+    create_completion.__doc__ = _completion.__doc__
+
+    @in_use
+    def chat_formatter(self):
+        """The Jinja2 chat formatter of this model: the GGUF tokenizer.chat_template, or a fallback (Gemma's turns
+        for gemma models, else ChatML)."""
+        return chat_formatter(self)
+
+    def render_chat(self, messages: List[dict]) -> str:
+        """The prompt for messages: the model's chat template (falling back to ChatML when it fails)."""
+        return render_chat(self, messages)
+
+    def held_prefix(self, messages: List[dict]) -> int:
+        """Bytes of the rendered conversation this session already holds (0: a chat would start afresh)."""
+        return held_prefix(self, messages)
+
+    def create_chat_completion(self, messages: List[dict], max_tokens: Optional[int] = None,
+                               temperature: float = CHAT_TEMPERATURE, top_p: float = SAMPLING.top_p,
+                               top_k: int = SAMPLING.top_k, min_p: float = SAMPLING.min_p,
+                               repeat_penalty: float = SAMPLING.repeat_penalty, seed: Optional[int] = None,
+                               stop: Union[str, List[str], None] = None, stream: bool = False,
+                               frequency_penalty: float = SAMPLING.frequency_penalty,
+                               presence_penalty: float = SAMPLING.presence_penalty,
+                               logit_bias: Optional[Dict[int, float]] = None, grammar=None,
+                               response_format: Optional[dict] = None, n: int = 1, logprobs: Optional[bool] = None,
+                               top_logprobs: Optional[int] = None, stream_options: Optional[dict] = None):
+        grammar = response_format_grammar(response_format) if response_format else grammar
+        sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty,
+                                  presence_penalty, logit_bias, grammar)
+        return _chat_completion(self, messages, max_tokens, sampling, stop, stream, n=n,
+                                                logprobs=logprobs, top_logprobs=top_logprobs,
+                                                stream_options=stream_options)
+
+    create_chat_completion.__doc__ = _chat_completion.__doc__

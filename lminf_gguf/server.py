@@ -55,6 +55,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator, Optional
 
 from .errors import CLIENT_ERRORS, ContextFullError
+from .httpio import _DISCONNECTS, MAX_BODY_BYTES, RequestError, RequestIO, _bad, _ClientGone
 from .options import (CHAT_TEMPERATURE, MAX_LOGPROBS, MAX_N, SAMPLING, add_model_flags, default_threads,
                       engine_kwargs, ignored_options)
 from .slots import SlotPool, open_sessions
@@ -62,33 +63,12 @@ from .slots import SlotPool, open_sessions
 __all__ = ["LMInfServer", "make_server", "add_parser", "cmd_serve", "MAX_BODY_BYTES", "MAX_BODIES_BYTES",
            "MAX_TOKENS_LIMIT"]
 
-# a request body larger than this is refused with 413 (prompts of any length are the point, but not unbounded
-# memory for one request)
-MAX_BODY_BYTES = 64 << 20
 # request bodies being read at once, all connections together: parallel large bodies must not add up unbounded
 MAX_BODIES_BYTES = 128 << 20
 # default cap of max_tokens per request (lminf serve --max-tokens-limit): one request holds the model meanwhile
 MAX_TOKENS_LIMIT = 4096
 
 _ROLES = ("system", "user", "assistant", "tool", "function", "developer")
-
-
-class RequestError(Exception):
-    """An error answered to the client: HTTP status and an OpenAI-style error body."""
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 type_: Optional[str] = None, headers=()):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = list(headers)  # extra response headers (Allow on a 405, Retry-After on a 503)
-        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> RequestError:
-    return RequestError(400, message, param, code)
 
 
 @contextlib.contextmanager
@@ -384,14 +364,7 @@ def make_server(llm, host: str = "127.0.0.1", port: int = 8080, *, api_key: Opti
                        max_tokens_limit=max_tokens_limit, cors_origins=cors_origins)
 
 
-class _ClientGone(Exception):
-    pass
-
-
-_DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout)
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(RequestIO, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "lminf"
     # seconds a socket operation may block: idle keep-alive connections and clients that stop reading a stream
@@ -433,21 +406,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self._send_json(err.status, err.body(), headers + [("Connection", "close")])
 
-    def _cors_origin(self) -> Optional[str]:
-        """The request's Origin when the server allows it (None: no Origin, or one not allowed)."""
-        origin = self.headers.get("Origin")
-        allowed = self.server.cors_origins
-        if origin and ("*" in allowed or origin in allowed):
-            return origin
-        return None
-
-    def _cors_headers(self) -> list:
-        origin = self._cors_origin()
-        if origin is None:
-            return []
-        return [("Access-Control-Allow-Origin", "*" if "*" in self.server.cors_origins else origin),
-                ("Vary", "Origin")]
-
     def _client_gone(self) -> bool:
         """True when the client has closed its end (readable with nothing to read)."""
         try:
@@ -457,69 +415,6 @@ class _Handler(BaseHTTPRequestHandler):
             return self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
-
-    def _read_body(self) -> dict:
-        ctype = self.headers.get("Content-Type")
-        if ctype is not None and ctype.split(";")[0].strip().lower() != "application/json":
-            # a browser sends text/plain or form bodies cross-origin without a preflight: never process them
-            raise RequestError(415, f"the request body must be application/json, not {ctype[:60]}",
-                               code="unsupported_media_type")
-        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-        length = self.headers.get("Content-Length")
-        if chunked and length is not None:
-            raise _bad("a request with both Transfer-Encoding: chunked and Content-Length is ambiguous")
-        if chunked:
-            raw = self._read_chunked()
-        else:
-            if length is None:
-                raise RequestError(411, "a request body with Content-Length is required", code="length_required")
-            try:
-                n = int(length)
-                if n < 0:
-                    raise ValueError
-            except ValueError:
-                raise _bad("invalid Content-Length") from None
-            if n > MAX_BODY_BYTES:
-                raise RequestError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="too_large")
-            with self.server.body_budget(n):
-                raw = self.rfile.read(n)
-            if len(raw) < n:
-                raise _ClientGone()
-        try:
-            body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
-        except RecursionError:
-            raise _bad("the request body is nested too deeply", code="invalid_json") from None
-        except (UnicodeDecodeError, ValueError) as e:
-            raise _bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise _bad("the request body must be a JSON object", code="invalid_json")
-        return body
-
-    def _read_chunked(self) -> bytes:
-        out = bytearray()
-        with contextlib.ExitStack() as budget:
-            while True:
-                line = self.rfile.readline(1024)
-                if not line:
-                    raise _ClientGone()
-                try:
-                    size = int(line.split(b";")[0].strip(), 16)
-                    if size < 0:  # int() takes "-1": rfile.read(-1) would read without limit
-                        raise ValueError
-                except ValueError:
-                    raise _bad("malformed chunked request body") from None
-                if size == 0:
-                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                        pass
-                    return bytes(out)
-                if len(out) + size > MAX_BODY_BYTES:
-                    raise RequestError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="too_large")
-                budget.enter_context(self.server.body_budget(size))
-                chunk = self.rfile.read(size)
-                if len(chunk) < size:
-                    raise _ClientGone()
-                out += chunk
-                self.rfile.readline(1024)
 
     def _authorised(self) -> bool:
         key = self.server.api_key
@@ -594,42 +489,6 @@ class _Handler(BaseHTTPRequestHandler):
     def do_OPTIONS(self):  # noqa: N802
         self._dispatch("OPTIONS")
 
-    _CORS_HEADERS = "Authorization, Content-Type"
-
-    def _allowed_headers(self) -> str:
-        """The headers the preflight asks for (clients such as openai's add their own x-... headers), when they
-        are plain header names; else Authorization and Content-Type."""
-        asked = self.headers.get("Access-Control-Request-Headers", "")
-        if asked and len(asked) <= 1000 and all(c.isalnum() or c in "-_, " for c in asked):
-            return asked
-        return self._CORS_HEADERS
-
-    def _preflight(self, route: str) -> None:
-        """OPTIONS: a CORS preflight from an allowed origin gets 204 and the CORS grants; one from another origin
-        403 (the browser then blocks the request); without an Origin, 204 and Allow. No API key is needed: a
-        browser never sends one with a preflight."""
-        if route in self._GET or route in self._POST or route.startswith("/models/"):
-            allowed = ("GET" if route in self._GET or route.startswith("/models/") else "POST") + ", OPTIONS"
-        else:
-            return self._send_error(RequestError(404, f"unknown path {self.path}", code="not_found"))
-        origin = self.headers.get("Origin")
-        if origin and self._cors_origin() is None:
-            return self._send_error(RequestError(
-                403, f"origin {origin[:100]!r} is not allowed to call this server (lminf serve --cors-origin)",
-                code="origin_not_allowed"))
-        headers = [("Allow", allowed), ("Content-Length", "0")]
-        if origin:
-            headers += [("Access-Control-Allow-Methods", allowed),
-                        ("Access-Control-Allow-Headers", self._allowed_headers()),
-                        ("Access-Control-Max-Age", "600")]
-        try:
-            self.send_response(204)
-            for k, v in self._cors_headers() + headers:
-                self.send_header(k, v)
-            self.end_headers()
-        except _DISCONNECTS:
-            self.close_connection = True
-
     # -- endpoints ---------------------------------------------------------------------------------------------
 
     def _health(self) -> None:
@@ -680,11 +539,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _run(self, method: str, kwargs: dict) -> None:
         s = self.server
-        score = None
-        if method == "create_chat_completion":  # the slot that holds this conversation, if one does
-            def score(llm):
-                held = getattr(llm, "held_prefix", None)
-                return held(kwargs["messages"]) if held else 0
+        # a chat goes to the slot that holds its conversation, if one does
+        score = _held_prefix_score(kwargs["messages"]) if method == "create_chat_completion" else None
         with s.session(self, score) as llm:
             if s.stopping.is_set():
                 raise RequestError(503, "the server is shutting down", code="unavailable")
@@ -748,6 +604,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"data: [DONE]\n\n")
 
 
+def _held_prefix_score(messages):
+    def score(llm):
+        held = getattr(llm, "held_prefix", None)
+        return held(messages) if held else 0
+    return score
+
+
 class _Watch:
     """While a request generates, cancel it (LMInfinite.cancel) when its client disconnects or the server stops:
     covers prompt evaluation and non-streamed replies, where no write would notice the closed connection."""
@@ -776,10 +639,6 @@ class _Watch:
         self.done.set()
         if self.thread is not None:
             self.thread.join()
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
 
 
 # -- command line -----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Optional, Union
 import numpy as np
 
 from ._lib import llama_raw
+from .context import in_use
 from .errors import StateError
 from .files import temp_next_to
 from .options import MODES
@@ -215,3 +216,27 @@ def _restore(llm, blob: bytes, pos: Optional[int] = None) -> None:
     if (last + 1 if blob and last >= 0 else 0) != pos:
         llama_raw.llama_memory_clear(llama_raw.llama_get_memory(llm.ctx), True)
         raise StateError(f"the saved cache ends at position {last + 1}, the header says {pos}")
+
+
+# the module functions under other names: the mixin's methods of the same names shadow them in its class body
+_save, _load, _model_id = save_state, load_state, model_id
+
+
+class StateFiles:
+    """LMInfinite's state-file methods over the functions above (a mixin; LMInfinite provides the session)."""
+
+    def model_id(self) -> str:
+        """Identity of the model file stored in state files (see state.model_id)."""
+        return _model_id(self)
+
+    @in_use
+    def save_state(self, path: Union[str, os.PathLike], extra: Optional[dict] = None) -> int:
+        return _save(self, path, extra)
+
+    save_state.__doc__ = _save.__doc__
+
+    @in_use
+    def load_state(self, path: Union[str, os.PathLike]) -> dict:
+        return _load(self, path)
+
+    load_state.__doc__ = _load.__doc__
