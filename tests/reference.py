@@ -66,7 +66,9 @@ q/k RMS norms, NEOX RoPE, RMS norms after attention and after the FFN, a GEGLU
 FFN (ggml's table GELU), tied output. Layer il is *local* iff
 ``il % pattern < pattern - 1``: it attends to the last ``sliding_window``
 positions (``p_i - p_j < window``) with its own rope base, in every mode;
-LM-Infinite (the modes above) applies to the *global* layers only.
+LM-Infinite (the modes above) applies to the *global* layers only. gemma2: the
+same without the q/k norms, with its scores soft-capped, ``cap * tanh(s / cap)``
+(the ceiling's scores too, before the softmax), and its logits likewise.
 
 ALiBi archs (mpt, bloom; Press et al., "Train Short, Test Long", ICLR 2022): no
 RoPE; head h adds ``-m_h * (p_i - p_j)`` to its scaled scores, with the slopes
@@ -134,6 +136,8 @@ class HParams:
     swa_window: int = 0  # gemma3: the local layers' sliding window (0: none)
     swa_pattern: int = 0  # gemma3: layer il is local iff il % pattern < pattern - 1
     rope_base_swa: float = 0.0  # gemma3: the local layers' rope base
+    attn_softcap: float = 0.0  # gemma2: scores capped at cap * tanh(s / cap) before the softmax (0: none)
+    final_softcap: float = 0.0  # gemma2: logits capped the same way
     norm_eps: float = 0.0  # LayerNorm epsilon (ALiBi archs)
 
 
@@ -179,8 +183,8 @@ def _field_value(reader: gguf.GGUFReader, key: str, default=None):
 
 
 # rope type per architecture (fixed by the architecture in llama.cpp, not a GGUF key)
-_ROPE_TYPE = {"llama": "norm", "qwen2": "neox", "qwen3": "neox", "phi3": "neox", "gemma3": "neox", "mpt": "none",
-              "bloom": "none"}
+_ROPE_TYPE = {"llama": "norm", "qwen2": "neox", "qwen3": "neox", "phi3": "neox", "gemma3": "neox",
+              "gemma2": "neox", "mpt": "none", "bloom": "none"}
 
 
 def load_gguf(path) -> "RefModel":
@@ -241,10 +245,13 @@ def load_gguf(path) -> "RefModel":
         attn_scale=float(_field_value(r, a + "attention.scale", 0.0) or 0.0),
         rope_type=_ROPE_TYPE[arch],
     )
-    if arch == "gemma3":
+    if arch in ("gemma3", "gemma2"):
         hp.swa_window = int(_field_value(r, a + "attention.sliding_window", 0) or 0)
-        hp.swa_pattern = int(_field_value(r, a + "attention.sliding_window_pattern", 6) or 6)
+        hp.swa_pattern = int(_field_value(r, a + "attention.sliding_window_pattern", 6 if arch == "gemma3" else 2))
         hp.rope_base_swa = float(_field_value(r, a + "rope.freq_base_swa", hp.rope_base))
+    if arch == "gemma2":
+        hp.attn_softcap = float(_field_value(r, a + "attn_logit_softcapping", 0.0) or 0.0)
+        hp.final_softcap = float(_field_value(r, a + "final_logit_softcapping", 0.0) or 0.0)
     if hp.n_rot != hp.head_dim:
         raise NotImplementedError("partial rotary (n_rot != head_dim) not supported")
     return RefModel(hp, tensors)
@@ -430,7 +437,7 @@ class RefModel:
 
         if self.is_local(il):  # gemma3's local layers: their own window, their own rope base; LM-Infinite leaves them
             qr, kr = self.rope(q, pos, hp.rope_base_swa), self.rope(k, pos, hp.rope_base_swa)
-            s = torch.einsum("ihd,jhd->hij", qr, kr) * scale
+            s = self._softcap(torch.einsum("ihd,jhd->hij", qr, kr) * scale)
             s = s.masked_fill(~(causal & (dist < hp.swa_window))[None], float("-inf"))
             o = torch.einsum("hij,jhd->ihd", torch.softmax(s, dim=-1), v).reshape(T, hp.n_head * D)
             return o @ t[p + "attn_output.weight"].T
@@ -455,6 +462,7 @@ class RefModel:
         else:
             raise ValueError(f"unknown mode {mode!r}")
 
+        s = self._softcap(s)  # gemma2: the scores, the ceiling's included, are capped before the softmax
         visible = visible[None]
         if topk is not None and il >= topk.layer:
             if mode != "lminf":
@@ -467,6 +475,10 @@ class RefModel:
         a = torch.softmax(s, dim=-1)
         o = torch.einsum("hij,jhd->ihd", a, v).reshape(T, hp.n_head * D)
         return o @ t[p + "attn_output.weight"].T
+
+    def _softcap(self, s):
+        cap = self.hp.attn_softcap
+        return cap * torch.tanh(s / cap) if cap > 0 else s
 
     def is_local(self, il: int) -> bool:
         hp = self.hp
@@ -519,7 +531,7 @@ class RefModel:
                 u = u + t[p + "ffn_up.bias"]
             o = gelu_f16_table(u) @ t[p + "ffn_down.weight"].T
             return o + t[p + "ffn_down.bias"] if p + "ffn_down.bias" in t else o
-        if self.hp.arch == "gemma3":  # GEGLU, ggml's table GELU
+        if self.hp.arch in ("gemma3", "gemma2"):  # GEGLU, ggml's table GELU
             g = h @ t[p + "ffn_gate.weight"].T
             u = h @ t[p + "ffn_up.weight"].T
             return (gelu_f16_table(g) * u) @ t[p + "ffn_down.weight"].T
@@ -560,7 +572,7 @@ class RefModel:
         x = t["token_embd.weight"][tok]
         if "token_embd_norm.weight" in t:  # bloom
             x = self._layernorm(x, "token_embd_norm")
-        if hp.arch == "gemma3":  # embeddings scaled by sqrt(n_embd); norms after attention and FFN too
+        if hp.arch in ("gemma3", "gemma2"):  # embeddings scaled by sqrt(n_embd); norms after attention and FFN
             x = x * math.sqrt(hp.n_embd)
             for il in range(hp.n_layer):
                 p = f"blk.{il}."
@@ -570,7 +582,10 @@ class RefModel:
                 h = self._ffn(il, self._rmsnorm(x, t[p + "ffn_norm.weight"]))
                 x = x + self._rmsnorm(h, t[p + "post_ffw_norm.weight"])
             x = self._rmsnorm(x, t["output_norm.weight"])
-            return (x @ t["token_embd.weight"].T).numpy()
+            out = x @ t["token_embd.weight"].T
+            if hp.final_softcap > 0:
+                out = hp.final_softcap * torch.tanh(out / hp.final_softcap)
+            return out.numpy()
         for il in range(hp.n_layer):
             h = self._norm(x, f"blk.{il}.attn_norm")
             x = x + self._attention(il, h, pos, mode, n_global, n_local, dist_max, topk)

@@ -1,9 +1,10 @@
-"""Models with interleaved sliding-window layers (issue 13): tiny random gemma3 files (local layers with their own
-window and rope base next to global layers) against the reference. LM-Infinite goes on the global layers (sinks,
+"""Models with interleaved sliding-window layers (issue 13): tiny random gemma3 and gemma2 files (local layers with
+their own window and rope base next to global layers; gemma2 with soft-capped scores and logits) against the
+reference. LM-Infinite goes on the global layers (sinks,
 window L, distance ceiling); the local layers keep their window; the whole cache stays bounded.
 
 Bounds: 1e-4 (f32 weights and cache, flash attention off) and 2e-3 (f16 cache, flash attention on), as for llama.
-Measured on this model: 2.2e-5 and 1.0e-3. The floor is ggml's table GELU in the GEGLU FFN (its f16 rounding
+Measured: gemma3 2.2e-5 and 1.0e-3, gemma2 2.0e-5 and 7.8e-4. The floor is ggml's table GELU in the GEGLU FFN (its f16 rounding
 boundaries reached in float32 here, float64 in the reference: vanilla shows the same 2-3e-5), which these peaky
 attention scores amplify; the model is kept at two layers (one local, one global) so that the floor stays well
 under the bound.
@@ -23,10 +24,14 @@ from lminf_gguf.convert import describe
 WINDOW = 8  # the local layers' sliding window
 
 
-@pytest.fixture(scope="module")
-def gemma3(tmp_path_factory):
-    path = write_tiny_gemma3(tmp_path_factory.mktemp("gemma3") / "gemma3.gguf", n_layer=2, sliding_window=WINDOW,
-                             sliding_window_pattern=2, seed=3, rope_base=1e6, rope_base_swa=1e4, qk_gain=2.0)
+@pytest.fixture(scope="module", params=["gemma3", "gemma2"])
+def gemma3(request, tmp_path_factory):
+    """A tiny gemma3, or gemma2 (its soft caps made small, 3 and 5, so that they act on these scores)."""
+    arch = request.param
+    extra = dict(attn_softcap=3.0, final_softcap=5.0, seed=5) if arch == "gemma2" else dict(seed=3)
+    path = write_tiny_gemma3(tmp_path_factory.mktemp(arch) / f"{arch}.gguf", arch=arch, n_layer=2,
+                             sliding_window=WINDOW, sliding_window_pattern=2, rope_base=1e6, rope_base_swa=1e4,
+                             qk_gain=2.0, **extra)
     return path, load_gguf(path)
 
 
@@ -83,6 +88,9 @@ def test_guards(gemma3):
     assert rel_err(ref.logits(tokens, mode="mask", n_global=4, n_local=16), want) > 1e-2
     everywhere = type(ref)(type(ref.hp)(**{**ref.hp.__dict__, "swa_window": 0}), ref.t)
     assert rel_err(everywhere.logits(tokens, mode="lminf", n_global=4, n_local=16), want) > 1e-2
+    if ref.hp.attn_softcap:  # gemma2: the soft cap, the ceiling's scores included, matters
+        uncapped = type(ref)(type(ref.hp)(**{**ref.hp.__dict__, "attn_softcap": 0.0}), ref.t)
+        assert rel_err(uncapped.logits(tokens, mode="lminf", n_global=4, n_local=16), want) > 1e-2
 
 
 def test_window_below_the_models_and_topk_are_refused(gemma3):

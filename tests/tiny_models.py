@@ -260,6 +260,9 @@ def write_tiny_gemma3(
     rope_base: float = 10000.0,
     rope_base_swa: Optional[float] = None,
     qk_gain: float = 1.0,
+    arch: str = "gemma3",
+    attn_softcap: float = 50.0,
+    final_softcap: float = 30.0,
 ) -> str:
     """Write a tiny random gemma3 GGUF (f32) with sliding-window layers; return ``str(path)``.
 
@@ -279,8 +282,9 @@ def write_tiny_gemma3(
     def randn(*shape, std=1.0):
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
-    w = gguf.GGUFWriter(path, "gemma3")
-    w.add_name("tiny-random-gemma3")
+    assert arch in ("gemma3", "gemma2"), arch
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(f"tiny-random-{arch}")
     w.add_context_length(n_ctx_train)
     w.add_embedding_length(n_embd)
     w.add_block_count(n_layer)
@@ -292,9 +296,12 @@ def write_tiny_gemma3(
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(float(rope_base))
     if rope_base_swa is not None:
-        w.add_float32("gemma3.rope.freq_base_swa", float(rope_base_swa))
+        w.add_float32(f"{arch}.rope.freq_base_swa", float(rope_base_swa))
     w.add_sliding_window(sliding_window)
-    w.add_uint32("gemma3.attention.sliding_window_pattern", sliding_window_pattern)
+    w.add_uint32(f"{arch}.attention.sliding_window_pattern", sliding_window_pattern)
+    if arch == "gemma2":  # scores and logits soft-capped: cap * tanh(x / cap)
+        w.add_float32("gemma2.attn_logit_softcapping", float(attn_softcap))
+        w.add_float32("gemma2.final_logit_softcapping", float(final_softcap))
     w.add_vocab_size(n_vocab)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     _add_spm_vocab(w, n_vocab)
@@ -308,13 +315,16 @@ def write_tiny_gemma3(
     for il in range(n_layer):
         p = f"blk.{il}."
         w.add_tensor(p + "attn_norm.weight", norm(n_embd))
-        w.add_tensor(p + "attn_q.weight", randn(n_head * head_dim, n_embd, std=s))
-        w.add_tensor(p + "attn_k.weight", randn(n_head_kv * head_dim, n_embd, std=s))
+        # gemma2 has no q/k norms: the projections set the score scale (qk_gain)
+        g = qk_gain if arch == "gemma2" else 1.0
+        w.add_tensor(p + "attn_q.weight", randn(n_head * head_dim, n_embd, std=g * s))
+        w.add_tensor(p + "attn_k.weight", randn(n_head_kv * head_dim, n_embd, std=g * s))
         w.add_tensor(p + "attn_v.weight", randn(n_head_kv * head_dim, n_embd, std=s))
         w.add_tensor(p + "attn_output.weight", randn(n_embd, n_head * head_dim, std=s))
         # q/k norms set the score scale: qk_gain around sqrt(head_dim) gives a peaky, non-degenerate softmax
-        w.add_tensor(p + "attn_q_norm.weight", qk_gain * norm(head_dim))
-        w.add_tensor(p + "attn_k_norm.weight", qk_gain * norm(head_dim))
+        if arch == "gemma3":
+            w.add_tensor(p + "attn_q_norm.weight", qk_gain * norm(head_dim))
+            w.add_tensor(p + "attn_k_norm.weight", qk_gain * norm(head_dim))
         w.add_tensor(p + "post_attention_norm.weight", norm(n_embd))
         w.add_tensor(p + "ffn_norm.weight", norm(n_embd))
         w.add_tensor(p + "ffn_gate.weight", randn(n_ff, n_embd, std=s))
