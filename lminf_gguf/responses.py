@@ -166,6 +166,25 @@ def chat_logprobs(records) -> dict:
             "refusal": None}
 
 
+def _collect(events, choices: list, text_key: str, shape_logprobs) -> None:
+    """A whole (non-streamed) response from _events: each choice's text (choices[i]["text"], or its message's
+    content for text_key "message"), its token records (when logprobs were asked for: a list, not None) in the
+    endpoint's shape, and its finish_reason."""
+    for index, text, records, finish in events:
+        c = choices[index]
+        if text_key == "message":
+            c["message"]["content"] += text
+        else:
+            c[text_key] += text
+        if c["logprobs"] is not None:
+            c["logprobs"] += records
+        if finish is not None:
+            c["finish_reason"] = finish
+    for c in choices:
+        if c["logprobs"] is not None:
+            c["logprobs"] = shape_logprobs(c["logprobs"])
+
+
 def _usage(usage: dict) -> dict:
     return dict(usage, total_tokens=usage["prompt_tokens"] + usage["completion_tokens"])
 
@@ -208,16 +227,7 @@ def create_completion(llm, prompt, max_tokens: Optional[int], sampling: dict, st
         return _completion_chunks(head, events, logprobs is not None, usage if with_usage else None)
     choices = [{"text": "", "index": i, "logprobs": [] if logprobs is not None else None, "finish_reason": None}
                for i in range(len(runs))]
-    for index, text, records, finish in events:
-        c = choices[index]
-        c["text"] += text
-        if logprobs is not None:
-            c["logprobs"] += records
-        if finish is not None:
-            c["finish_reason"] = finish
-    for c in choices:
-        if c["logprobs"] is not None:
-            c["logprobs"] = completion_logprobs(c["logprobs"])
+    _collect(events, choices, "text", completion_logprobs)
     return dict(head, choices=choices, usage=_usage(usage))
 
 
@@ -331,16 +341,7 @@ def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int],
         return _chat_chunks(head, events, k is not None, usage if with_usage else None)
     choices = [{"index": i, "message": {"role": "assistant", "content": ""},
                 "logprobs": [] if k is not None else None, "finish_reason": None} for i in range(n)]
-    for index, text, records, finish in events:
-        c = choices[index]
-        c["message"]["content"] += text
-        if k is not None:
-            c["logprobs"] += records
-        if finish is not None:
-            c["finish_reason"] = finish
-    for c in choices:
-        if c["logprobs"] is not None:
-            c["logprobs"] = chat_logprobs(c["logprobs"])
+    _collect(events, choices, "message", chat_logprobs)
     return dict(head, object="chat.completion", choices=choices, usage=_usage(usage))
 
 
