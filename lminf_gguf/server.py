@@ -349,7 +349,7 @@ class LMInfServer(ThreadingHTTPServer):
             with self.pool.acquire(score, give_up=lambda: self.stopping.is_set() or handler._client_gone()) as llm:
                 yield llm
         except TimeoutError:
-            if self.stopping.is_set():
+            if self.stopping.is_set() or self.pool.closed:
                 raise RequestError(503, "the server is shutting down", code="unavailable") from None
             raise _ClientGone() from None
 

@@ -48,16 +48,15 @@ class SlotPool:
                 give_up: Optional[Callable[[], bool]] = None):
         """A free session for one request. score(session) ranks free sessions (higher: better, e.g. the length of
         the conversation it already holds); ties go to the least recently used. give_up() is polled while waiting:
-        when it returns True, acquire raises TimeoutError (the caller's client left, or the server is stopping)."""
+        when it returns True, or the pool is closed, acquire raises TimeoutError (the caller's client left, or the
+        server is stopping)."""
         ticket = next(self._tickets)
         with self._cond:
             self._queue.append(ticket)
             try:
                 while not (self._free and self._queue[0] == ticket):
-                    if self.closed:
-                        raise RuntimeError("the slot pool is closed")
-                    if give_up is not None and give_up():
-                        raise TimeoutError("gave up waiting for a slot")
+                    if self.closed or (give_up is not None and give_up()):
+                        raise TimeoutError("the slot pool is closed" if self.closed else "gave up waiting for a slot")
                     self._cond.wait(self.POLL_S)
             finally:
                 self._queue.remove(ticket)
