@@ -52,6 +52,8 @@ class SlotPool:
         server is stopping)."""
         ticket = next(self._tickets)
         with self._cond:
+            if self.closed:
+                raise TimeoutError("the slot pool is closed")
             self._queue.append(ticket)
             try:
                 while not (self._free and self._queue[0] == ticket):
