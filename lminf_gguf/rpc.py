@@ -49,6 +49,10 @@ def parse_servers(servers) -> List[str]:
         host, sep, port = item.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise InvalidInputError(f"rpc_servers: {item!r} is not HOST:PORT (port 1..65535)")
+        # llama.cpp splits an endpoint at its first ':' and aborts the process on what it cannot parse
+        if ":" in host or "[" in host:
+            raise InvalidInputError(f"rpc_servers: {item!r}: llama.cpp's RPC client takes no IPv6 address; use a "
+                                    "host name or an IPv4 address")
         out.append(item)
     if not out:
         raise InvalidInputError("rpc_servers: no server given")
@@ -61,7 +65,6 @@ def check_server(endpoint: str, timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
     """Connect and run the RPC handshake (HELLO); InvalidInputError when the server cannot be reached, does not
     answer (a server serves one client at a time) or speaks another protocol version."""
     host, _, port = endpoint.rpartition(":")
-    host = host.strip("[]")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout) as sock:
             sock.sendall(struct.pack("<BQ", _CMD_HELLO, _CAPS_SIZE) + bytes(_CAPS_SIZE))

@@ -101,3 +101,20 @@ def test_window_below_the_models_and_topk_are_refused(gemma3):
         lminf_gguf.LMInfinite(path, mode="lminf-topk", n_global=4, n_local=16, n_batch=8, n_threads=1, topk_layer=1)
     d = describe(path)
     assert d["lminf_supported"] and "sliding-window" in d["attention"], d
+
+
+def test_state_file_of_the_two_caches_resumes_exactly(gemma3, tmp_path):
+    """save_state/load_state carry both caches (global and local layers): a resumed stream equals the unbroken one."""
+    import numpy as np
+
+    path, _ = gemma3
+    tokens = [int(t) for t in random_tokens(200, seed=1)]
+    kw = dict(n_global=4, n_local=16, n_batch=16, n_threads=1)
+    a = open_exact(path, "lminf", **kw)
+    list(a.eval(tokens[:150]))
+    a.save_state(tmp_path / "s.lminf")
+    want = a.logits(tokens)[150:]
+    b = open_exact(path, "lminf", **kw)
+    b.load_state(tmp_path / "s.lminf")
+    got = np.concatenate([x.copy() for x in b.eval(tokens[150:], all_logits=True)])
+    assert rel_err(got, want) < 1e-4
