@@ -47,6 +47,25 @@ def _as_dtype(arr: np.ndarray, dtype: str):
     raise ValueError(f"unsupported dtype {dtype!r} (use 'f32', 'f16' or 'q8_0')")
 
 
+# GGUF file type for the dtype of the 2-D weight matrices
+_FTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+
+
+def _tensor_adder(w, dtype: str):
+    """add(name, array, mat=True): a weight matrix in `dtype` (mat), or an f32 vector (norms, biases)."""
+    def add(name, arr, mat=True):
+        if mat:
+            data, raw = _as_dtype(arr, dtype)
+            if raw is not None:
+                w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=raw)
+            else:
+                w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+    return add
+
+
 def write_tiny_llama(path: Union[str, os.PathLike], **kwargs) -> str:
     """Write a tiny random llama GGUF to ``path`` and return ``str(path)`` (keyword arguments: _write_tiny)."""
     return _write_tiny(path, arch="llama", **kwargs)
@@ -122,11 +141,7 @@ def _write_tiny(
     def randn(*shape, std=1.0):
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
-    ftype = {
-        "f32": gguf.LlamaFileType.ALL_F32,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    }[dtype]
+    ftype = _FTYPES[dtype]
 
     w = gguf.GGUFWriter(path, arch)
     # (llama.cpp's vocabulary loader expects phi-3's special tokens in a model *named* phi3: not this one)
@@ -173,15 +188,7 @@ def _write_tiny(
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
 
-    def add(name, arr, mat=True):
-        if mat:
-            data, raw = _as_dtype(arr, dtype)
-            if raw is not None:
-                w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=raw)
-            else:
-                w.add_tensor(name, data)
-        else:
-            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+    add = _tensor_adder(w, dtype)
 
     qk_std = qk_gain / np.sqrt(n_embd)
     add("token_embd.weight", randn(n_vocab, n_embd, std=1.0))
@@ -371,15 +378,13 @@ def write_tiny_alibi(
     path = str(path)
     assert arch in ("mpt", "bloom"), arch
     assert n_embd % n_head == 0
-    head_dim = n_embd // n_head
     bloom = arch == "bloom"
     rng = np.random.default_rng(seed)
 
     def randn(*shape, std=1.0):
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    ftype = _FTYPES[dtype]
     w = gguf.GGUFWriter(path, arch)
     w.add_name(f"tiny-random-{arch}")
     w.add_context_length(n_ctx_train)
@@ -395,15 +400,7 @@ def write_tiny_alibi(
     w.add_file_type(ftype)
     _add_spm_vocab(w, n_vocab)
 
-    def add(name, arr, mat=True):
-        if mat:
-            data, raw = _as_dtype(arr, dtype)
-            if raw is not None:
-                w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=raw)
-            else:
-                w.add_tensor(name, data)
-        else:
-            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+    add = _tensor_adder(w, dtype)
 
     def norm(name):
         add(name + ".weight", 1.0 + randn(n_embd, std=0.1), mat=False)
