@@ -152,7 +152,11 @@ def test_two_streams_at_once(served, client):
     assert _health(url)["slots_processing"] == 1
     short = list(client.completions.create(model=MODEL_ID, prompt="Hello", max_tokens=4, stream=True))
     assert short[-1].choices[0].finish_reason in ("stop", "length")
-    # the long one (4096 tokens, tens of seconds on a CPU) was still running on its slot meanwhile
+    # the long one (4096 tokens, tens of seconds on a CPU) was still running on its slot meanwhile (the short
+    # one's slot is released just after its last byte: give its handler a moment)
+    deadline = time.time() + 10
+    while _health(url)["slots_processing"] > 1 and time.time() < deadline:
+        time.sleep(0.05)
     assert _health(url)["slots_processing"] == 1
     long.close()  # a client that leaves frees its slot
     deadline = time.time() + 60
