@@ -4,12 +4,12 @@
 Prints one row per (model, KV type, flash attention, mode) with the worst relative error ||a - b|| / ||b|| over
 T in {L-1, L, L+1, 3L+7, 20L}, G in {0, 4, 10}, n_ubatch in {1, 7, 64}, L = 16, and writes the rows as JSON.
 Mode lminf-topk (k = 3 from layer 1 at distance L/2, store of the KV type; exact scan, and the block index with
-blocks of 4 and 2 blocks scanned) uses n_ubatch in {1, 7, 16} (it needs n_ubatch <= L) and T in {3L+7, 20L}.
+blocks of 4 and 2 blocks scanned; topk-all: k = 1000, the whole middle, so no choice can flip) uses n_ubatch in {1, 7, 16} (it needs n_ubatch <= L) and T in {3L+7, 20L}.
 The same check runs on a GPU with --n-gpu-layers 99 (CUDA or Metal build). --families runs the other
 architectures instead (ALiBi: mpt, bloom; RoPE: llama 3.1, mistral, qwen3, phi3) over the same grid of
 vanilla, mask and lminf.
 
-    python benchmarks/exactness.py [--n-gpu-layers 99] [--families] [--json results/exactness.json]
+    python benchmarks/exactness.py [--n-gpu-layers 99] [--families | --topk-only] [--json results/exactness.json]
 """
 
 from __future__ import annotations
@@ -78,18 +78,18 @@ def mode_rows(name, path, ref, kv, flash, n_gpu_layers, L=16) -> list:
     return rows
 
 
-def topk_worst(path, ref, kv, block, n_gpu_layers, L=16) -> float:
+def topk_worst(path, ref, kv, flash, block, n_gpu_layers, k=3, L=16) -> float:
     worst = 0.0
     for g in (0, 4, 10):
         for ub in (1, 7, 16):
             llm = lminf_gguf.LMInfinite(path, mode="lminf-topk", type_k=kv, type_v=kv, n_batch=ub, n_global=g,
-                                        n_local=L, dist_max=L, topk=3, topk_layer=1, topk_dist=L // 2,
+                                        n_local=L, dist_max=L, topk=k, topk_layer=1, topk_dist=L // 2,
                                         store_type=kv, store_segment=16, topk_block=block, topk_blocks=2,
-                                        n_gpu_layers=n_gpu_layers)
+                                        flash_attn=flash, n_gpu_layers=n_gpu_layers)
             for T in (3 * L + 7, 20 * L):
                 tokens = random_tokens(T, seed=T + g)
                 rows = [min(T, c + ub) - 1 for c in range(0, T, ub)]
-                topk = TopK(3, 1, L // 2, rows, block=block, n_blocks=2, seg_rows=16, n_batch=ub)
+                topk = TopK(k, 1, L // 2, rows, block=block, n_blocks=2, seg_rows=16, n_batch=ub)
                 want = ref.logits(tokens, mode="lminf", n_global=g, n_local=L, dist_max=L, topk=topk)
                 worst = max(worst, rel_err(llm.logits(tokens), want))
             llm.close()
@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--dir", default="/tmp/lminf-exactness", help="where the tiny models are written")
     ap.add_argument("--families", action="store_true", help="the other architectures instead of llama")
+    ap.add_argument("--topk-only", action="store_true", help="only the lminf-topk rows")
     args = ap.parse_args()
 
     Path(args.dir).mkdir(parents=True, exist_ok=True)
@@ -114,12 +115,13 @@ def main() -> None:
     for name, kv, flash in [] if args.families else SETUPS:
         path = write_tiny_llama(Path(args.dir) / f"{name}.gguf", seed=1, **MODEL_CONFIGS[name])
         ref = load_gguf(path)
-        rows += mode_rows(name, path, ref, kv, flash, args.n_gpu_layers)
-        if not flash:  # lminf-topk turns flash attention off
-            for label, block in (("topk", 0), ("topk+index", 4)):
-                worst = topk_worst(path, ref, kv, block, args.n_gpu_layers)
-                rows.append(dict(model=name, kv=kv, flash_attn=False, mode=label, max_rel_err=worst))
-                print(f"{name:10s} {kv:4s} {'False':5s} {label:7s} {worst:12.2e}", flush=True)
+        if not args.topk_only:
+            rows += mode_rows(name, path, ref, kv, flash, args.n_gpu_layers)
+        # k = 1000 takes the whole middle: no choice left to flip on a near tie under f16 rounding
+        for label, block, k in (("topk", 0, 3), ("topk+index", 4, 3), ("topk-all", 0, 1000)):
+            worst = topk_worst(path, ref, kv, flash, block, args.n_gpu_layers, k=k)
+            rows.append(dict(model=name, kv=kv, flash_attn=flash, mode=label, max_rel_err=worst))
+            print(f"{name:10s} {kv:4s} {str(flash):5s} {label:7s} {worst:12.2e}", flush=True)
 
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,9 @@
 """Top-k middle tokens ("lminf-topk"): decode cost against plain "lminf", and the block index's recall and speed-up.
 
 1. cost: prefill `depth` tokens of Austen, then decode `n_decode` tokens one at a time (median ms per token), for
-   lminf, lminf-topk with the exact scan of the middle, and lminf-topk with the block index; with the store's
-   bytes per token and size. One process per cell, as in bench.py.
+   lminf, lminf-topk with the exact scan of the middle, and lminf-topk with the block index, with flash attention
+   (the default) and without; with the store's bytes per token and size. One process per cell, as in bench.py.
+   Run it alone (nothing else on the CPU) with an explicit --threads.
 2. recall (--recall): on the default model's real queries and keys, computed by the float64 PyTorch reference
    (tests/reference.py) over `recall_tokens` tokens: the share of the exact scan's top-k middle keys that the
    block index also picks, per (query row, layer, KV head), for each block size and number of blocks scanned.
@@ -25,10 +26,12 @@ from common import austen_path  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CELLS = {  # name -> LMInfinite keyword arguments
+CELLS = {  # name -> LMInfinite keyword arguments (flash attention: auto, i.e. on for the CPU, unless "flash off")
     "lminf": dict(mode="lminf"),
     "topk exact": dict(mode="lminf-topk"),
     "topk index": dict(mode="lminf-topk", topk_block=64, topk_blocks=8),
+    "topk exact, flash off": dict(mode="lminf-topk", flash_attn=False),
+    "topk index, flash off": dict(mode="lminf-topk", topk_block=64, topk_blocks=8, flash_attn=False),
 }
 
 
@@ -51,7 +54,7 @@ def measure_one(args) -> dict:
             pass
         per_token.append(time.perf_counter() - t)
     info = llm.cache_info()
-    return dict(cell=args.cell, depth=args.depth, prefill_tok_s=args.depth / prefill_s,
+    return dict(cell=args.cell, depth=args.depth, flash_attn=info["flash_attn"], prefill_tok_s=args.depth / prefill_s,
                 decode_ms=1000 * float(np.median(per_token)), cells_used=info["cells_used"],
                 store_bytes_per_token=info.get("store_bytes_per_token", 0), store_mb=info.get("store_bytes", 0) / 2**20)
 
@@ -134,11 +137,11 @@ def main() -> None:
                 rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout))
                 print(rows[-1], file=sys.stderr, flush=True)
         base = {r["depth"]: r["decode_ms"] for r in rows if r["cell"] == "lminf"}
-        print("| depth | cell | decode ms | vs lminf | prefill tok/s | store B/token | store MB |\n"
-              "|---|---|---|---|---|---|---|")
+        print("| depth | cell | flash | decode ms | vs lminf | prefill tok/s | store B/token | store MB |\n"
+              "|---|---|---|---|---|---|---|---|")
         for r in rows:
             ratio = r["decode_ms"] / base[r["depth"]] if r["depth"] in base else float("nan")
-            print(f"| {r['depth']} | {r['cell']} | {r['decode_ms']:.1f} | {ratio:.2f}x | {r['prefill_tok_s']:.0f} "
+            print(f"| {r['depth']} | {r['cell']} | {'on' if r['flash_attn'] else 'off'} | {r['decode_ms']:.1f} | {ratio:.2f}x | {r['prefill_tok_s']:.0f} "
                   f"| {r['store_bytes_per_token']} | {r['store_mb']:.0f} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -197,12 +197,9 @@ def cmd_perplexity(args) -> int:
     for mode in args.mode:
         # vanilla holds every token: its context is the token budget (or the trained context)
         n_ctx = args.max_tokens + 1 if mode == "vanilla" and args.max_tokens else None
-        if mode == "lminf-topk":
-            llm = open_engine(args, mode, n_ctx, flash_attn=None)  # non-flash only
-        else:
-            llm = open_engine(args, mode, n_ctx, flash_attn=flash)
-            if flash is None:
-                flash = llm.cache_info()["flash_attn"]
+        llm = open_engine(args, mode, n_ctx, flash_attn=flash)
+        if flash is None:
+            flash = llm.cache_info()["flash_attn"]
         progress = _Progress(mode)
         parts, n = [], 0
         try:

@@ -9,7 +9,7 @@ Modes
             memory-mapped in store_dir); in layers >= topk_layer, each decoded token and the last row of each
             prompt ubatch also attend to the topk middle tokens of each KV head that score highest, placed at
             distance topk_dist (default n_local/2). The KV cache stays bounded; the store grows with the stream.
-            Non-flash attention only.
+            Both attention paths, as "lminf" (flash attention corrects the last row of each ubatch exactly).
   "mask"    Λ-mask only (no ceiling); flash attention as requested.
   "vanilla" unchanged llama.cpp with an n_ctx cache; streams longer than n_ctx raise ContextFullError.
   "shift"   the baseline users have today: llama.cpp's context shift (keep the first n_global tokens, drop half
@@ -57,7 +57,7 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles):
     n_threads: CPU threads; default half the cores (options.default_threads: more threads than the cores other
         work leaves free slow llama.cpp down many times).
     flash_attn: None lets llama.cpp decide (on where the backend supports it, also with the distance ceiling,
-        which flash attention takes as a bias of the sink columns); forced off in "lminf-topk" mode.
+        which flash attention takes as a bias of the sink columns, and with the top-k middle tokens).
         cache_info()["flash_attn"] says what was chosen.
     rebase_at: largest position handed to llama.cpp before the window is moved down (see cache.py); default
         G + 2L + n_batch in "lminf" mode, 2^24 in "mask" mode (where moving the window changes sink distances).

@@ -19,7 +19,7 @@ class Mode:
     name: str
     bounded: bool   # LM-Infinite cache: sinks + window, G + L + n_ubatch cells (else a plain n_ctx cache)
     ceiling: bool   # the distance ceiling (exact rebasing; else the window moves only for float32 precision)
-    topk: bool      # top-k middle tokens from a store outside the cache (non-flash attention only)
+    topk: bool      # top-k middle tokens from a store outside the cache
     shift: bool     # plain cache: llama.cpp's context shift when full (else ContextFullError)
     help: str
 
@@ -171,7 +171,7 @@ def add_model_flags(p: argparse.ArgumentParser, several_modes: bool = False) -> 
     p.add_argument("--rpc", metavar="HOST:PORT,...", dest="rpc_servers",
                    help="put the model's layers on these `lminf rpc-server`s (llama.cpp's RPC backend)")
     p.add_argument("-fa", "--flash-attn", choices=list(FLASH_CHOICES), default="auto",
-                   help="flash attention (default auto: on where the backend supports the mode; lminf-topk: off)")
+                   help="flash attention (default auto: on where the backend supports the mode)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
 
 
