@@ -121,13 +121,17 @@ def _lminf(*args):
 def test_perplexity_command(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(PROSE)
-    res = _lminf("perplexity", "-f", str(text), "--mode", "lminf", "shift", "--n-local", "128", "-b", "64",
-                 "--max-tokens", "400", "-t", "2", "--csv", str(tmp_path / "p.csv"), "--plot", str(tmp_path / "p.png"))
+    res = _lminf("perplexity", "-f", str(text), "--mode", "lminf", "lminf-topk", "shift", "--n-local", "128",
+                 "-b", "64", "--max-tokens", "400", "-t", "2", "--csv", str(tmp_path / "p.csv"),
+                 "--plot", str(tmp_path / "p.png"))
     assert res.returncode == 0, res.stderr
-    assert "lminf: 400 tokens" in res.stdout and "shift: 400 tokens" in res.stdout
+    # every mode under one flash-attention setting (auto: what llama.cpp chose for the first), top-k included
+    lines = [line for line in res.stdout.splitlines() if ": 400 tokens" in line]
+    assert [line.split(":")[0] for line in lines] == ["lminf", "lminf-topk", "shift"], res.stdout
+    assert len({line.rsplit("flash attention", 1)[1] for line in lines}) == 1, res.stdout
     with open(tmp_path / "p.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["mode"] for r in rows} == {"lminf", "shift"}
+    assert {r["mode"] for r in rows} == {"lminf", "lminf-topk", "shift"}
     assert sum(int(r["tokens"]) for r in rows if r["mode"] == "lminf") == 399
     assert (tmp_path / "p.png").stat().st_size > 1000
 
