@@ -279,16 +279,20 @@ def render_chat(llm, messages: List[dict]) -> str:
         return Jinja2ChatFormatter(fallback_template(llm)[1], eos_token="", bos_token="")(messages=messages).prompt
 
 
-def held_prefix(llm, messages: List[dict]) -> int:
+def held_prefix(llm, messages: List[dict], rendered: Optional[dict] = None) -> int:
     """Bytes of the rendered conversation that the sequence already holds (0: a chat would start afresh); reads
-    only, so that a server can pick the slot that holds a conversation before taking it."""
+    only, so that a server can pick the slot that holds a conversation before taking it. rendered: a dict shared by
+    the sessions of one model, so that the conversation is rendered once however many sessions are asked."""
     held = llm._text
     if held is None or not messages:
         return 0
-    try:
-        data = render_chat(llm, list(messages)).encode("utf-8", errors="replace")
-    except Exception:  # noqa: BLE001 (the request itself will report a template that fails)
-        return 0
+    rendered = {} if rendered is None else rendered
+    if "data" not in rendered:
+        try:
+            rendered["data"] = render_chat(llm, list(messages)).encode("utf-8", errors="replace")
+        except Exception:  # noqa: BLE001 (the request itself will report a template that fails)
+            rendered["data"] = b""
+    data = rendered["data"]
     return len(held) if len(data) > len(held) and data.startswith(bytes(held)) else 0
 
 
@@ -501,9 +505,10 @@ class OpenAIStyle:
         """The prompt for messages: the model's chat template (falling back to ChatML when it fails)."""
         return render_chat(self, messages)
 
-    def held_prefix(self, messages: List[dict]) -> int:
-        """Bytes of the rendered conversation this session already holds (0: a chat would start afresh)."""
-        return held_prefix(self, messages)
+    def held_prefix(self, messages: List[dict], rendered: Optional[dict] = None) -> int:
+        """Bytes of the rendered conversation this session already holds (0: a chat would start afresh); rendered:
+        see responses.held_prefix."""
+        return held_prefix(self, messages, rendered)
 
     def create_chat_completion(self, messages: List[dict], max_tokens: Optional[int] = None,
                                temperature: float = CHAT_TEMPERATURE, top_p: float = SAMPLING.top_p,

@@ -605,9 +605,11 @@ class _Handler(RequestIO, BaseHTTPRequestHandler):
 
 
 def _held_prefix_score(messages):
+    rendered = {}  # the slots share one model and template: the conversation is rendered once per request
+
     def score(llm):
         held = getattr(llm, "held_prefix", None)
-        return held(messages) if held else 0
+        return held(messages, rendered) if held else 0
     return score
 
 

@@ -1,4 +1,5 @@
-"""slots.SlotPool on its own (no model): which slot a request gets, the queue, giving up, closing."""
+"""slots.SlotPool on its own (no model): which slot a request gets, the queue, giving up, closing; and the server's
+score of a slot by the conversation it holds (the default model)."""
 
 from __future__ import annotations
 
@@ -75,3 +76,32 @@ def test_close_waits_for_running_requests_and_closes_everything():
 def test_an_empty_pool_is_refused():
     with pytest.raises(ValueError):
         SlotPool([])
+
+
+def test_a_continuation_scores_its_own_slot_and_renders_once(monkeypatch):
+    """The server's slot choice (server._held_prefix_score): the session that holds the conversation scores its
+    length, the others 0, and the conversation is rendered once for all the free sessions, not once per session."""
+    from conftest import DEFAULT_MODEL
+    from lminf_gguf import responses, server
+    from lminf_gguf.slots import open_sessions
+
+    if DEFAULT_MODEL is None:
+        pytest.skip("the offline default model is not installed")
+    pool = open_sessions(DEFAULT_MODEL, 3, n_local=256, n_threads=2)
+    try:
+        for i, other in ((0, "Count to three."), (2, "Name a colour.")):  # busy slots, other conversations
+            pool.sessions[i].create_chat_completion([{"role": "user", "content": other}], max_tokens=4, temperature=0)
+        first = [{"role": "user", "content": "Say one word."}]
+        reply = pool.sessions[1].create_chat_completion(first, max_tokens=4, temperature=0)
+        follow = first + [reply["choices"][0]["message"], {"role": "user", "content": "And another."}]
+        calls = []
+        render = responses.render_chat
+        monkeypatch.setattr(responses, "render_chat", lambda llm, m: calls.append(1) or render(llm, m))
+        score = server._held_prefix_score(follow)
+        scores = [score(s) for s in pool.sessions]
+        assert scores[1] > 0 and scores[0] == scores[2] == 0, scores
+        assert len(calls) == 1
+        # a conversation the session does not hold scores 0 there too
+        assert server._held_prefix_score([{"role": "user", "content": "Other."}])(pool.sessions[1]) == 0
+    finally:
+        pool.close()
