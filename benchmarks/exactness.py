@@ -4,7 +4,8 @@
 Prints one row per (model, KV type, flash attention, mode) with the worst relative error ||a - b|| / ||b|| over
 T in {L-1, L, L+1, 3L+7, 20L}, G in {0, 4, 10}, n_ubatch in {1, 7, 64}, L = 16, and writes the rows as JSON.
 Mode lminf-topk (k = 3 from layer 1 at distance L/2, store of the KV type; exact scan, and the block index with
-blocks of 4 and 2 blocks scanned; topk-all: k = 1000, the whole middle, so no choice can flip) uses n_ubatch in {1, 7, 16} (it needs n_ubatch <= L) and T in {3L+7, 20L}.
+blocks of 4 and 2 blocks scanned; topk-all: k = 1000, the whole middle, so no choice can flip) uses n_ubatch in
+{1, 7, 16} (it needs n_ubatch <= L) and T in {3L+7, 20L}.
 The same check runs on a GPU with --n-gpu-layers 99 (CUDA or Metal build). --families runs the other
 architectures instead (ALiBi: mpt, bloom; RoPE: llama 3.1, mistral, qwen3, phi3) over the same grid of
 vanilla, mask and lminf.

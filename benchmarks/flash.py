@@ -4,9 +4,10 @@
 Rows: `lminf` (the exact distance ceiling) with flash attention on and off, `mask` (the same Λ window without the
 ceiling) and `shift` (llama.cpp's context shift, n_ctx = G + L + n_batch) with flash attention on and off, and
 `vanilla` at depth G + L (the same attention span, no bookkeeping); `lminf-topk` (lminf plus the top-k middle
-tokens, default k, layer and distance, exact scan) with flash attention on and off. The model is loaded once; the configurations
-are measured in interleaved rounds and each figure is the best of the rounds, because timings on a laptop or a
-shared machine drift by 10-20 % between runs. Run it alone, on a quiet machine, with an explicit thread count.
+tokens, default k, layer and distance, exact scan) with flash attention on and off. The model is loaded once; the
+configurations are measured in interleaved rounds and each figure is the best of the rounds, because timings on a
+laptop or a shared machine drift by 10-20 % between runs. Run it alone, on a quiet machine, with an explicit thread
+count.
 
   prefill   tokens/s over `--prefill` tokens of held-out text, fed in batches of n_batch
   decode    median ms per token for `--decode` tokens after a `--prompt`-token prefix (teacher-forced)

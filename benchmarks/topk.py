@@ -54,7 +54,8 @@ def measure_one(args) -> dict:
             pass
         per_token.append(time.perf_counter() - t)
     info = llm.cache_info()
-    return dict(cell=args.cell, depth=args.depth, flash_attn=info["flash_attn"], prefill_tok_s=args.depth / prefill_s,
+    return dict(cell=args.cell, depth=args.depth, flash_attn=info["flash_attn"],
+                prefill_tok_s=args.depth / prefill_s,
                 decode_ms=1000 * float(np.median(per_token)), cells_used=info["cells_used"],
                 store_bytes_per_token=info.get("store_bytes_per_token", 0), store_mb=info.get("store_bytes", 0) / 2**20)
 
@@ -141,8 +142,9 @@ def main() -> None:
               "|---|---|---|---|---|---|---|---|")
         for r in rows:
             ratio = r["decode_ms"] / base[r["depth"]] if r["depth"] in base else float("nan")
-            print(f"| {r['depth']} | {r['cell']} | {'on' if r['flash_attn'] else 'off'} | {r['decode_ms']:.1f} | {ratio:.2f}x | {r['prefill_tok_s']:.0f} "
-                  f"| {r['store_bytes_per_token']} | {r['store_mb']:.0f} |")
+            flash = "on" if r["flash_attn"] else "off"
+            print(f"| {r['depth']} | {r['cell']} | {flash} | {r['decode_ms']:.1f} | {ratio:.2f}x "
+                  f"| {r['prefill_tok_s']:.0f} | {r['store_bytes_per_token']} | {r['store_mb']:.0f} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(dict(args=vars(args), rows=rows), indent=1))

@@ -31,9 +31,12 @@ def open_topk(path, *, n_batch=7, k=3, layer=1, store="f32", **kw):
                       topk_layer=layer, topk_dist=L // 2, store_type=store, **kw)
 
 
-def reference(ref, tokens, *, n_batch=7, k=3, layer=1):
+def reference(ref, tokens, *, n_batch=7, k=3, layer=1, **index):
+    """The reference's lminf-topk logits; index: block, n_blocks, seg_rows for the block index."""
+    if index:
+        index["n_batch"] = n_batch
     return ref.logits(tokens, mode="lminf", n_global=G, n_local=L, dist_max=L,
-                      topk=TopK(k, layer, L // 2, last_rows(len(tokens), n_batch)))
+                      topk=TopK(k, layer, L // 2, last_rows(len(tokens), n_batch), **index))
 
 
 @pytest.mark.parametrize("segment", [8, 4096])
@@ -153,9 +156,7 @@ def test_block_index_matches_reference(tiny_model, block, n_blocks, n_batch, seg
     path, ref = tiny_model("f32-gqa2")
     tokens = random_tokens(8 * L + 5, seed=block + n_batch)
     llm = open_topk(path, n_batch=n_batch, store_segment=segment, topk_block=block, topk_blocks=n_blocks)
-    want = ref.logits(tokens, mode="lminf", n_global=G, n_local=L, dist_max=L,
-                      topk=TopK(3, 1, L // 2, last_rows(len(tokens), n_batch), block=block, n_blocks=n_blocks,
-                                seg_rows=segment, n_batch=n_batch))
+    want = reference(ref, tokens, n_batch=n_batch, block=block, n_blocks=n_blocks, seg_rows=segment)
     err = rel_err(llm.logits(tokens), want)
     assert err <= EXACT, f"relative error {err:.2e}"
 
@@ -195,7 +196,7 @@ def test_flash_attention_matches_reference(tiny_model, k, layer, n_batch, kv):
 
 @pytest.mark.parametrize("name", ["f32-mha", "f32-gqa8", "f32-yarn2"])
 def test_flash_attention_long_stream_and_architectures(tiny_model, name):
-    """Rebases, segments and the block index with flash attention; several head layouts and YaRN."""
+    """Rebases and several store segments with flash attention; several head layouts and YaRN."""
     path, ref = tiny_model(name)
     tokens = random_tokens(20 * L, seed=17)
     llm = open_topk(path, n_batch=16, store_segment=8, flash_attn=True, kv="f16")
@@ -212,9 +213,7 @@ def test_flash_attention_block_index_matches_reference(tiny_model, n_batch):
     path, ref = tiny_model("f32-gqa2")
     tokens = random_tokens(8 * L + 5, seed=40 + n_batch)
     llm = open_topk(path, n_batch=n_batch, store_segment=16, topk_block=4, topk_blocks=2, flash_attn=True, kv="f16")
-    want = ref.logits(tokens, mode="lminf", n_global=G, n_local=L, dist_max=L,
-                      topk=TopK(3, 1, L // 2, last_rows(len(tokens), n_batch), block=4, n_blocks=2,
-                                seg_rows=16, n_batch=n_batch))
+    want = reference(ref, tokens, n_batch=n_batch, block=4, n_blocks=2, seg_rows=16)
     err = rel_err(llm.logits(tokens), want)
     assert err <= HALF, f"relative error {err:.2e}"
 
