@@ -9,6 +9,7 @@ import os
 import re
 import threading
 from pathlib import Path
+from typing import Optional, Tuple
 
 from . import _lib
 from ._lib import llama_cpp, llama_raw
@@ -106,6 +107,23 @@ def lminf_defaults(metadata: dict, n_ctx_train: int) -> dict:
         "n_local": n_local,
         "dist_max": key("dist_max"),
     }
+
+
+def kv_head_sizes(metadata: dict) -> Optional[Tuple[int, int]]:
+    """(K, V) head sizes from the GGUF metadata (attention.key_length/value_length, else embedding_length /
+    head_count); None when the file does not state them as plain numbers (per-layer arrays)."""
+    arch = metadata.get("general.architecture", "")
+
+    def num(key):
+        try:
+            return int(metadata[f"{arch}.{key}"])
+        except (KeyError, ValueError):
+            return None
+
+    n_embd, n_head = num("embedding_length"), num("attention.head_count")
+    base = n_embd // n_head if n_embd and n_head else None
+    k, v = num("attention.key_length") or base, num("attention.value_length") or base
+    return (k, v) if k and v else None
 
 
 def read_metadata(model) -> dict:

@@ -38,6 +38,7 @@ LLAMA_CPP_PYTHON = "0.3.36"
 
 # ggml type ids (enum ggml_type in ggml.h) of the KV cache and of the top-k store
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
+QUANTISED_KV_TYPES = {"q4_0": 32, "q8_0": 32}  # -> values per block: a head must hold whole blocks
 STORE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}
 
 # --flash-attn values -> LMInfinite(flash_attn=...)
@@ -221,7 +222,8 @@ def engine_kwargs(args, mode: Optional[str] = None, n_ctx: Optional[int] = None,
 
 
 def check_session_args(*, mode, n_global, n_local, dist_max, n_batch, n_ubatch, n_ctx, type_k, type_v, topk,
-                       topk_layer, topk_dist, store_type, store_dir, store_segment, topk_block, topk_blocks) -> None:
+                       topk_layer, topk_dist, store_type, store_dir, store_segment, topk_block, topk_blocks,
+                       flash_attn=None) -> None:
     """LMInfinite's arguments checked before anything is loaded: InvalidInputError names the first bad one."""
     if mode not in MODES:
         raise InvalidInputError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -235,13 +237,17 @@ def check_session_args(*, mode, n_global, n_local, dist_max, n_batch, n_ubatch, 
     for name, value in (("type_k", type_k), ("type_v", type_v)):
         if value not in KV_TYPES:
             raise InvalidInputError(f"{name} must be one of {', '.join(KV_TYPES)}, not {value!r}")
+    if flash_attn is False and type_v in QUANTISED_KV_TYPES:
+        # llama.cpp refuses the context (a NULL with only a log line): say why, before it is asked
+        raise InvalidInputError(f"type_v={type_v!r} needs flash attention (llama.cpp keeps a quantised V cache only "
+                                "there): use flash_attn=None or True, or an f16 V cache")
     if store_type not in STORE_TYPES:
         raise InvalidInputError(f"store_type must be one of {', '.join(STORE_TYPES)}, not {store_type!r}")
     if store_dir is not None and not os.path.isdir(store_dir):
         raise InvalidInputError(f"store_dir is not a directory: {store_dir}")
 
 
-__all__ = ["Mode", "MODES", "DEFAULT_MODE", "LLAMA_CPP_PYTHON", "KV_TYPES", "STORE_TYPES", "FLASH_CHOICES",
+__all__ = ["Mode", "MODES", "DEFAULT_MODE", "LLAMA_CPP_PYTHON", "KV_TYPES", "QUANTISED_KV_TYPES", "STORE_TYPES", "FLASH_CHOICES",
            "Sampling", "SAMPLING", "CHAT_TEMPERATURE", "MAX_N", "MAX_LOGPROBS", "sampling_args", "TopK", "TOPK", "Session", "SESSION",
            "default_threads", "add_model_flags", "add_sampling_flags", "sampling_kwargs", "engine_kwargs",
            "ignored_options", "check_session_args"]

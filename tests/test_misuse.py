@@ -183,3 +183,58 @@ def test_hostile_json_schemas_raise_instead_of_killing_the_process(model_path):
                 print("refused")
     """)
     assert out.stdout.split() == ["refused"] * 5
+
+
+def test_quantised_v_cache_without_flash_attention_is_a_clear_error(model_path):
+    """llama.cpp refuses a quantised V cache without flash attention (a NULL context and a log line): named before
+    it is asked."""
+    code = f"""
+        import lminf_gguf
+        for mode in ("lminf", "lminf-topk", "vanilla"):
+            try:
+                lminf_gguf.LMInfinite({model_path!r}, mode=mode, n_local=16, type_v="q8_0", flash_attn=False)
+            except lminf_gguf.InvalidInputError as e:
+                assert "type_v='q8_0' needs flash attention" in str(e), e
+            else:
+                raise SystemExit("accepted")
+        """
+    run_child(code)
+
+
+@pytest.mark.parametrize("mode", ["lminf", "lminf-topk", "mask"])
+@pytest.mark.parametrize("kv", ["type_k", "type_v"])
+def test_quantised_cache_on_heads_smaller_than_a_block_is_refused(model_path, mode, kv):
+    """The tiny model's heads (16 values) are smaller than a q8_0/q4_0 block (32): llama.cpp refuses that for its own
+    contexts only, and an LM-Infinite context with a q8_0 K cache there crashed the process (segfault)."""
+    code = f"""
+        import lminf_gguf
+        for t in ("q8_0", "q4_0"):
+            try:
+                lminf_gguf.LMInfinite({model_path!r}, mode={mode!r}, n_local=16, n_batch=8, flash_attn=True,
+                                      **{{{kv!r}: t}})
+            except lminf_gguf.InvalidInputError as e:
+                assert "blocks of 32 values" in str(e) and "heads have 16" in str(e), e
+            else:
+                raise SystemExit("accepted")
+        """
+    run_child(code)
+
+
+def test_quantised_cache_with_flash_attention_on_the_default_model():
+    """Heads of 64: a q8_0 K and V cache works with flash attention, lminf-topk included (patch 0017; the non-flash
+    path it was limited to before cannot hold a quantised V cache)."""
+    from conftest import DEFAULT_MODEL
+
+    if DEFAULT_MODEL is None:
+        pytest.skip("the offline default model is not installed")
+    code = f"""
+        import numpy as np
+        import lminf_gguf
+        for mode in ("lminf", "lminf-topk"):
+            llm = lminf_gguf.LMInfinite({DEFAULT_MODEL!r}, mode=mode, n_global=4, n_local=64, n_batch=16,
+                                        type_k="q8_0", type_v="q8_0", flash_attn=True, n_threads=2)
+            assert llm.cache_info()["flash_attn"] is True
+            lg = llm.logits(llm.tokenize("The quick brown fox jumps over the lazy dog. " * 30)[:300])
+            assert lg.shape[0] == 300 and np.isfinite(lg).all()
+        """
+    run_child(code, timeout=300)
