@@ -53,7 +53,8 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles):
     n_global, n_local, dist_max: G, L, C; None takes the GGUF keys lminf.* if present, else G = 10,
         L = the model's trained context, C = L.
     n_ctx: vanilla mode only (default: trained context).
-    type_k, type_v: KV cache types ("f16", "f32", "q8_0", ...).
+    type_k, type_v: KV cache types ("f16", "f32", "q8_0", ...); q8_0/q4_0 need heads of whole 32-value blocks, and
+        a quantised V cache needs flash attention (InvalidInputError otherwise).
     n_threads: CPU threads; default half the cores (options.default_threads: more threads than the cores other
         work leaves free slow llama.cpp down many times).
     flash_attn: None lets llama.cpp decide (on where the backend supports it, also with the distance ceiling,
