@@ -37,8 +37,8 @@ from .cache import SequenceCache
 from . import context
 from .context import SessionUse, context_params, in_use, in_use_stream, new_context
 from .errors import Cancelled, ContextFullError, InvalidInputError, SessionBusyError, StateError
-from .models import Model, kv_head_sizes, lminf_defaults
-from .options import MODES, QUANTISED_KV_TYPES, SAMPLING, SESSION, TOPK, check_session_args, sampling_args
+from .models import Model, check_cache_types, lminf_defaults
+from .options import MODES, SAMPLING, SESSION, TOPK, check_session_args, sampling_args
 from .responses import CHATML_TEMPLATE
 
 __all__ = ["LMInfinite", "ContextFullError", "Cancelled", "StateError", "SessionBusyError", "InvalidInputError",
@@ -113,13 +113,7 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles):
         self.n_batch = n_batch
         self.n_ubatch = min(n_ubatch or n_batch, n_batch)
         self.type_k, self.type_v = type_k, type_v
-        # a quantised cache needs heads of whole blocks; llama.cpp checks that only for its own contexts, and an
-        # LM-Infinite context on such a model crashes the process
-        heads = kv_head_sizes(self.metadata) or (None, None)
-        for name, kind, size in (("type_k", type_k, heads[0]), ("type_v", type_v, heads[1])):
-            if kind in QUANTISED_KV_TYPES and size and size % QUANTISED_KV_TYPES[kind]:
-                raise InvalidInputError(f"{name}={kind!r} stores blocks of {QUANTISED_KV_TYPES[kind]} values and "
-                                        f"this model's attention heads have {size}: use 'f16'")
+        check_cache_types(self.metadata, type_k, type_v)
         self._last: Optional[np.ndarray] = None    # logits after the last evaluated token
         self._text: Optional[bytearray] = None     # the text the sequence holds, when known (chat reuse)
         self._formatter = None

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from . import _lib
+from .errors import InvalidInputError
+from .options import QUANTISED_KV_TYPES
 from ._lib import llama_cpp, llama_raw
 from .rpc import local_gpus, rpc_devices
 from .validate import check_model_file, guard_tokenize
@@ -124,6 +126,16 @@ def kv_head_sizes(metadata: dict) -> Optional[Tuple[int, int]]:
     base = n_embd // n_head if n_embd and n_head else None
     k, v = num("attention.key_length") or base, num("attention.value_length") or base
     return (k, v) if k and v else None
+
+
+def check_cache_types(metadata: dict, type_k: str, type_v: str) -> None:
+    """InvalidInputError when a quantised cache type does not fit the model's heads (whole blocks): llama.cpp checks
+    that only for its own contexts, and an LM-Infinite context on such a model crashes the process."""
+    heads = kv_head_sizes(metadata) or (None, None)
+    for name, kind, size in (("type_k", type_k, heads[0]), ("type_v", type_v, heads[1])):
+        if kind in QUANTISED_KV_TYPES and size and size % QUANTISED_KV_TYPES[kind]:
+            raise InvalidInputError(f"{name}={kind!r} stores blocks of {QUANTISED_KV_TYPES[kind]} values and "
+                                    f"this model's attention heads have {size}: use 'f16'")
 
 
 def read_metadata(model) -> dict:
