@@ -14,6 +14,7 @@ count.
 (The cost of a rebase or a context shift is measured by benchmarks/latency.py, over thousands of decoded tokens.)
 
     python benchmarks/flash.py --threads 2 --n-local 1024 --json results/flash.json
+    GGML_CUDA_FA_KQ_BIAS=1 python benchmarks/flash.py --threads 8 --n-gpu-layers 99   # a CUDA build
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ CONFIGS = [
 def open_session(model, args, mode: str, flash: bool):
     from lminf_gguf import LMInfinite
 
-    kw = dict(mode=mode, flash_attn=flash, n_threads=args.threads, n_batch=args.n_batch)
+    kw = dict(mode=mode, flash_attn=flash, n_threads=args.threads, n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers)
     if mode == "vanilla":
         kw["n_ctx"] = args.n_global + args.n_local + args.n_batch
     else:
@@ -88,6 +89,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each figure is the best")
     ap.add_argument("--threads", type=int, required=True, help="explicit: time on a quiet machine")
     ap.add_argument("--only", nargs="+", help="labels (or modes) to run, default: all")
+    ap.add_argument("--n-gpu-layers", type=int, default=0, help="99: every layer on the GPU (CUDA / Metal builds)")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -130,7 +132,8 @@ def main() -> None:
         a, b = best[label][key], best[other][key]
         return f"{a / b:.2f}" if key == "prefill" else f"{b / a:.2f}"
 
-    print(f"\nG = {args.n_global}, L = {args.n_local}, n_batch = {args.n_batch}, {args.threads} threads, "
+    where = f"{args.n_gpu_layers} layers on the GPU, " if args.n_gpu_layers else ""
+    print(f"\nG = {args.n_global}, L = {args.n_local}, n_batch = {args.n_batch}, {where}{args.threads} threads, "
           f"prefill {args.prefill} tokens, decode {args.decode} tokens after {args.prompt} (vanilla: prefill "
           f"{min(args.prefill, span)}, decode after {span}); best of {args.rounds} interleaved rounds")
     print("| path | prefill tok/s | decode ms/token | prefill vs shift (flash on) | decode vs shift (flash on) |"
@@ -145,7 +148,8 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         meta = dict(machine=platform.platform(), cpus=os.cpu_count(), threads=args.threads, n_global=args.n_global,
                     n_local=args.n_local, n_batch=args.n_batch, prefill=args.prefill, prompt=args.prompt,
-                    decode=args.decode, rounds=args.rounds)
+                    decode=args.decode, rounds=args.rounds, n_gpu_layers=args.n_gpu_layers,
+                    cuda_fa_kq_bias=os.environ.get("GGML_CUDA_FA_KQ_BIAS", "0"))
         Path(args.json).write_text(json.dumps(dict(meta=meta, rows=best), indent=1))
 
 

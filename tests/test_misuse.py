@@ -220,6 +220,60 @@ def test_quantised_cache_on_heads_smaller_than_a_block_is_refused(model_path, mo
     run_child(code)
 
 
+def test_lminf_constructors_check_the_cache_types_in_llama_cpp(model_path):
+    """Below the Python checks: llama_init_from_model_lminf(_topk) now run llama_init_from_model's own parameter
+    checks (patch 0019). Called directly with a q8_0/q4_0 cache on 16-value heads they return NULL; they used to
+    build the context and crash the process in ggml (a segfault at the first decode)."""
+    code = f"""
+        import lminf_gguf
+        from llama_cpp import llama_cpp as llama_raw
+        from lminf_gguf import _lib, context
+        m = lminf_gguf.Model({model_path!r})
+        topk = context.topk_params(3, 1, 8, "f16", 16, 0, 8, None)
+        for kv in (("q8_0", "f16"), ("f16", "q4_0"), ("q8_0", "q8_0")):
+            for flash in (True, None):
+                cp = context.context_params(8, 8, 1, kv[0], kv[1], flash)
+                a = _lib.llama_init_from_model_lminf(m.llama.model, cp, 2, 16, 16)
+                b = _lib.llama_init_from_model_lminf_topk(m.llama.model, cp, 2, 16, 16, topk)
+                print(kv, flash, bool(a), bool(b))
+                assert not a and not b, (kv, flash)
+        cp = context.context_params(8, 8, 1, "f16", "f16", True)   # the control: a valid cache is accepted
+        a = _lib.llama_init_from_model_lminf(m.llama.model, cp, 2, 16, 16)
+        assert a
+        llama_raw.llama_free(a)
+        """
+    run_child(code)
+
+
+@pytest.mark.parametrize("n_embd,n_head", [(128, 4), (192, 2)])
+def test_quantised_cache_rebases_on_heads_that_are_not_a_multiple_of_64(tmp_path, n_embd, n_head):
+    """Heads of 32 and 96 (Phi-3's): llama.cpp's Hadamard rotation of quantised keys needs heads of a multiple of 64,
+    and its K-shift dereferenced the missing rotation matrix: the first rebase of an lminf session with a q8_0 K
+    cache ended the process (SIGSEGV, patch 0020). lminf, lminf-topk (rebases) and shift (context shifts), mask; top-k decoding one row
+    at a time (its row comes from an OUT_PROD over the q8_0 V cache), near the same run with an f16 cache."""
+    from tiny_models import write_tiny_llama
+
+    path = str(write_tiny_llama(tmp_path / "heads.gguf", seed=4, n_embd=n_embd, n_head=n_head, n_head_kv=n_head // 2))
+    code = f"""
+        import numpy as np
+        import lminf_gguf
+        tokens = [4 + (7 * i) % 90 for i in range(83)]
+        for mode, n_batch in (("lminf", 7), ("lminf-topk", 1), ("lminf-topk", 7), ("mask", 7), ("shift", 7)):
+            out = {{}}
+            for kv in ("q8_0", "f16"):
+                topk = dict(topk=3, topk_layer=0, topk_dist=8) if mode == "lminf-topk" else {{}}
+                llm = lminf_gguf.LMInfinite({path!r}, mode=mode, n_global=4, n_local=16, n_batch=n_batch,
+                                            type_k=kv, type_v=kv, flash_attn=True, n_threads=1, **topk)
+                out[kv] = llm.logits(tokens)
+                shifted = llm.cache_info().get("rebases", 0) or mode == "shift"
+                llm.close()
+            err = np.linalg.norm(out["q8_0"] - out["f16"]) / np.linalg.norm(out["f16"])
+            print(mode, n_batch, shifted, f"{{err:.1e}}")
+            assert (shifted or mode == "mask") and np.isfinite(out["q8_0"]).all() and err < 5e-2, (mode, err)
+        """
+    run_child(code)
+
+
 def test_quantised_cache_with_flash_attention_on_the_default_model():
     """Heads of 64: a q8_0 K and V cache works with flash attention, lminf-topk included (patch 0017; the non-flash
     path it was limited to before cannot hold a quantised V cache)."""

@@ -218,6 +218,29 @@ def test_flash_attention_block_index_matches_reference(tiny_model, n_batch):
     assert err <= HALF, f"relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("name,kv,bound", [("f32-gqa8", "f32", HALF), ("f32-mha", "f16", HALF),
+                                            ("wide", "f16", HALF)])
+def test_flash_attention_decode_row_from_the_cache_as_stored(tiny_model, tmp_path, name, kv, bound):
+    """A ubatch of one row (a decoded token) with the cache in host memory skips flash attention in the top-k layers:
+    the row comes from its softmax and one OUT_PROD over V as stored. Checks the query-head to KV-head mapping of
+    that product (8:1, 1:1, 2:1; a q8_0 cache, which the same op dequantises, is in test_misuse.py, in a child
+    process). Rows before the first middle token still run flash attention, whose f16 rounding reaches the later
+    rows through the cache, so the bound is HALF."""
+    if name == "wide":
+        from reference import load_gguf
+        from tiny_models import write_tiny_llama
+
+        path = write_tiny_llama(tmp_path / "wide.gguf", seed=4, n_embd=128, n_head=4, n_head_kv=2)
+        ref = load_gguf(path)
+    else:
+        path, ref = tiny_model(name)
+    tokens = random_tokens(5 * L + 3, seed=23)
+    llm = open_topk(path, n_batch=1, layer=0, flash_attn=True, kv=kv)
+    assert llm.cache_info()["flash_attn"] is True
+    err = rel_err(llm.logits(tokens), reference(ref, tokens, n_batch=1, layer=0))
+    assert llm.cache_info()["rebases"] >= 1 and err <= bound, f"relative error {err:.2e}"
+
+
 def test_flash_attention_keeps_the_middle_tokens(tiny_model):
     """Guards the flash tests: the same run without the last-row correction (plain lminf with flash attention) is far
     beyond their bound, so a correction that did nothing would fail them."""
