@@ -249,8 +249,8 @@ def test_lminf_constructors_check_the_cache_types_in_llama_cpp(model_path):
 def test_quantised_cache_rebases_on_heads_that_are_not_a_multiple_of_64(tmp_path, n_embd, n_head):
     """Heads of 32 and 96 (Phi-3's): llama.cpp's Hadamard rotation of quantised keys needs heads of a multiple of 64,
     and its K-shift dereferenced the missing rotation matrix: the first rebase of an lminf session with a q8_0 K
-    cache ended the process (SIGSEGV, patch 0020). lminf, lminf-topk (rebases) and shift (context shifts), mask; top-k decoding one row
-    at a time (its row comes from an OUT_PROD over the q8_0 V cache), near the same run with an f16 cache."""
+    cache ended the process (SIGSEGV, patch 0020). lminf and lminf-topk (rebases; top-k also decoding one row at a
+    time), shift (context shifts) and mask, each near the same run with an f16 cache."""
     from tiny_models import write_tiny_llama
 
     path = str(write_tiny_llama(tmp_path / "heads.gguf", seed=4, n_embd=n_embd, n_head=n_head, n_head_kv=n_head // 2))

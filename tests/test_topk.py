@@ -220,12 +220,10 @@ def test_flash_attention_block_index_matches_reference(tiny_model, n_batch):
 
 @pytest.mark.parametrize("name,kv,bound", [("f32-gqa8", "f32", HALF), ("f32-mha", "f16", HALF),
                                             ("wide", "f16", HALF)])
-def test_flash_attention_decode_row_from_the_cache_as_stored(tiny_model, tmp_path, name, kv, bound):
-    """A ubatch of one row (a decoded token) with the cache in host memory skips flash attention in the top-k layers:
-    the row comes from its softmax and one OUT_PROD over V as stored. Checks the query-head to KV-head mapping of
-    that product (8:1, 1:1, 2:1; a q8_0 cache, which the same op dequantises, is in test_misuse.py, in a child
-    process). Rows before the first middle token still run flash attention, whose f16 rounding reaches the later
-    rows through the cache, so the bound is HALF."""
+def test_flash_attention_decoded_rows_on_several_head_layouts(tiny_model, tmp_path, name, kv, bound):
+    """Decoding one row at a time with flash attention: every row is a ubatch's last, corrected to the middle keys
+    (patch 0017) in every layer from layer 0, over a rebase; query heads per KV head 8:1, 1:1 and 2:1 (heads of 32).
+    (A q8_0 cache with the same rows is in test_misuse.py, in a child process: its rebase crashed before 0020.)"""
     if name == "wide":
         from reference import load_gguf
         from tiny_models import write_tiny_llama
