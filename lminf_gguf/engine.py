@@ -100,6 +100,7 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles):
             if self._own_model else model
         if self.model.llama is None:
             raise InvalidInputError("the shared Model is closed")
+        self.model.check_servers()
         self._model = self.model.llama
         self.model_path = self.model.path
         self.metadata = self.model.metadata
@@ -231,7 +232,9 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles):
             batch.n_seq_id[k] = 1
             batch.seq_id[k][0] = 0
             batch.logits[k] = all_logits or k == n - 1
+        self.model.check_servers()
         rc = llama_raw.llama_decode(self.ctx, batch)
+        self.model.check_servers()  # a server that went away during the call: zeros came back, not an abort
         if rc != 0:
             self._text = None
             raise RuntimeError(f"llama_decode failed with code {rc} at stream position {self._cache.n_seen}")

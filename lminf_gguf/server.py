@@ -54,7 +54,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator, Optional
 
-from .errors import CLIENT_ERRORS, ContextFullError
+from .errors import CLIENT_ERRORS, ContextFullError, RemoteServerError
 from .httpio import _DISCONNECTS, MAX_BODY_BYTES, RequestError, RequestIO, _bad, _ClientGone
 from .options import (CHAT_TEMPERATURE, MAX_LOGPROBS, MAX_N, SAMPLING, add_model_flags, default_threads,
                       engine_kwargs, ignored_options)
@@ -74,13 +74,15 @@ _ROLES = ("system", "user", "assistant", "tool", "function", "developer")
 @contextlib.contextmanager
 def _engine_errors():
     """Engine exceptions as HTTP errors: the client's mistakes (errors.CLIENT_ERRORS: a value the engine refuses,
-    a full vanilla context) -> 400; anything else is ours -> 500."""
+    a full vanilla context) -> 400; an RPC server that went away -> 503; anything else is ours -> 500."""
     try:
         yield
     except ContextFullError as e:
         raise _bad(str(e), code="context_length_exceeded") from None
     except CLIENT_ERRORS as e:
         raise _bad(str(e)) from None
+    except RemoteServerError as e:
+        raise RequestError(503, str(e), code="unavailable") from None
     except (RuntimeError, ValueError, TypeError) as e:
         raise RequestError(500, f"generation failed: {type(e).__name__}: {e}") from None
 

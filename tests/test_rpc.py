@@ -111,6 +111,67 @@ def test_flash_auto_over_rpc_falls_back_exactly(rpc_servers, tiny_model):
 
 
 @needs_rpc
+@pytest.mark.parametrize("when", ["between calls", "during a call"])
+def test_a_server_that_goes_away_fails_the_call_not_the_process(tiny_model, when):
+    """A server killed mid-session: llama.cpp's RPC client aborted the process (patch 0021 gives it an error path).
+    The call that meets the dead server raises RemoteServerError, so does every later one on that model and a new
+    session on it, and the process goes on: a local session still computes. "during a call": the server is killed
+    between two decodes of one eval() call."""
+    path, _ = tiny_model("f32-gqa2")
+    port = _free_port()
+    proc = subprocess.Popen([SERVER, "--port", str(port), "--threads", "1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        endpoint = f"127.0.0.1:{port}"
+        deadline = time.time() + 30
+        while True:
+            try:
+                rpc.check_server(endpoint, timeout=2)
+                break
+            except InvalidInputError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        res = _child(f"""
+            import os, signal, time
+            import lminf_gguf
+            from conftest import open_exact, random_tokens
+            toks = [int(t) for t in random_tokens(4000, seed=5)]
+            kw = dict(n_global=4, n_local=32, n_batch=16, n_threads=1)
+            model = lminf_gguf.Model({path!r}, rpc_servers={endpoint!r})
+            llm = lminf_gguf.LMInfinite(model, **kw)
+            llm.feed(toks[:100])                       # works while the server runs
+            def kill():
+                os.kill({proc.pid}, signal.SIGKILL)
+                time.sleep(0.5)
+            if {when!r} == "between calls":
+                kill()
+            for attempt in ("this call", "the next call"):
+                try:
+                    for i, _ in enumerate(llm.eval(toks[100:])):   # one call, n_batch tokens per decode
+                        if i == 3 and attempt == "this call" and {when!r} == "during a call":
+                            kill()
+                    print("no error", attempt)
+                except lminf_gguf.RemoteServerError as e:
+                    print("RemoteServerError", attempt, "went away" in str(e))
+            try:
+                lminf_gguf.LMInfinite(model, **kw)
+                print("no error", "new session")
+            except lminf_gguf.RemoteServerError:
+                print("RemoteServerError", "new session", True)
+            local = open_exact({path!r}, **kw)
+            print("local", local.logits(toks[:50]).shape)
+            """)
+        assert res.returncode == 0, res.stderr[-3000:]
+        lines = res.stdout.strip().splitlines()
+        assert lines == ["RemoteServerError this call True", "RemoteServerError the next call True",
+                         "RemoteServerError new session True", "local (50, 96)"], res.stdout
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@needs_rpc
 @pytest.mark.parametrize("servers,message", [
     ("127.0.0.1", "is not HOST:PORT"),
     ("127.0.0.1:0", "is not HOST:PORT"),
