@@ -35,27 +35,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_server(procs: list) -> str:
+    """An lminf-rpc-server on a free localhost port (appended to procs), once its handshake answers."""
+    port = _free_port()
+    procs.append(subprocess.Popen([SERVER, "--port", str(port), "--threads", "1"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL))
+    endpoint = f"127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            rpc.check_server(endpoint, timeout=2)
+            return endpoint
+        except InvalidInputError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def rpc_servers():
     """Two lminf-rpc-server processes on localhost: "127.0.0.1:P1,127.0.0.1:P2"."""
-    procs, endpoints = [], []
+    procs = []
     try:
-        for _ in range(2):
-            port = _free_port()
-            procs.append(subprocess.Popen([SERVER, "--port", str(port), "--threads", "1"],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            endpoints.append(f"127.0.0.1:{port}")
-        for endpoint in endpoints:  # ready when the handshake answers
-            deadline = time.time() + 30
-            while True:
-                try:
-                    rpc.check_server(endpoint, timeout=2)
-                    break
-                except InvalidInputError:
-                    if time.time() > deadline:
-                        raise
-                    time.sleep(0.1)
-        yield ",".join(endpoints)
+        yield ",".join(_start_server(procs) for _ in range(2))
     finally:
         for p in procs:
             p.terminate()
@@ -118,20 +120,10 @@ def test_a_server_that_goes_away_fails_the_call_not_the_process(tiny_model, when
     session on it, and the process goes on: a local session still computes. "during a call": the server is killed
     between two decodes of one eval() call."""
     path, _ = tiny_model("f32-gqa2")
-    port = _free_port()
-    proc = subprocess.Popen([SERVER, "--port", str(port), "--threads", "1"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    procs = []
     try:
-        endpoint = f"127.0.0.1:{port}"
-        deadline = time.time() + 30
-        while True:
-            try:
-                rpc.check_server(endpoint, timeout=2)
-                break
-            except InvalidInputError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.1)
+        endpoint = _start_server(procs)
+        proc = procs[0]
         res = _child(f"""
             import os, signal, time
             import lminf_gguf
@@ -167,8 +159,9 @@ def test_a_server_that_goes_away_fails_the_call_not_the_process(tiny_model, when
         assert lines == ["RemoteServerError this call True", "RemoteServerError the next call True",
                          "RemoteServerError new session True", "local (50, 96)"], res.stdout
     finally:
-        proc.kill()
-        proc.wait(10)
+        for p in procs:
+            p.kill()
+            p.wait(10)
 
 
 @needs_rpc
