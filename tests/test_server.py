@@ -136,6 +136,8 @@ class FakeLLM:
             raise ValueError("an internal ValueError")
         if prompt == "bug":
             raise KeyError("a bug in the engine")
+        if prompt == "server gone":  # an RPC server that computed the layers went away (patch 0021)
+            raise lminf_gguf.RemoteServerError("RPC server 10.0.0.2:50052 went away")
         base = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": self.model_path}
         if not stream:
             text = "".join(self._pieces(max_tokens))
@@ -277,6 +279,10 @@ def test_fake_bad_requests(fake):
     assert_error(*srv.json("POST", "/v1/completions", {"prompt": "explode", "stream": True}), 400)
     # any other exception is ours (errors.CLIENT_ERRORS decides)
     assert_error(*srv.json("POST", "/v1/completions", {"prompt": "internal"}), 500)
+    # an RPC server that went away: the service is unavailable until it is back, not a bug of ours
+    status, out = srv.json("POST", "/v1/completions", {"prompt": "server gone"})
+    assert_error(status, out, 503)
+    assert out["error"]["code"] == "unavailable" and "went away" in out["error"]["message"]
     # anything else is the server's fault: 500, and the lock is free again
     status, out = srv.json("POST", "/v1/completions", {"prompt": "bug"})
     assert_error(status, out, 500)
