@@ -17,6 +17,7 @@ the servers on a private network.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import socket
 import struct
@@ -121,15 +122,19 @@ def rpc_devices(servers) -> list:
     return devices
 
 
-def failed_servers(servers) -> List[str]:
-    """The endpoints among servers whose connection broke while in use (ggml_backend_rpc_get_failed, patch 0021)."""
+@functools.lru_cache(maxsize=None)
+def _get_failed():
+    """ggml_backend_rpc_get_failed (patch 0021), or None in a build without the RPC backend."""
     reg = _bind("ggml_backend_reg_by_name", [ctypes.c_char_p], ctypes.c_void_p)(b"RPC")
     proc = _bind("ggml_backend_reg_get_proc_address", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p)
     addr = proc(reg, b"ggml_backend_rpc_get_failed") if reg else None
-    if not addr:
-        return []
-    get_failed = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_char_p)(addr)
-    return [e for e in parse_servers(servers) if get_failed(e.encode())]
+    return ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_char_p)(addr) if addr else None
+
+
+def failed_servers(servers) -> List[str]:
+    """The endpoints among servers whose connection broke while in use (asked before and after every decode)."""
+    get_failed = _get_failed()
+    return [e for e in parse_servers(servers) if get_failed(e.encode())] if get_failed else []
 
 
 def local_gpus() -> list:
