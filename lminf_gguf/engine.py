@@ -2,8 +2,9 @@
 
 Modes
   "lminf"   (default) Λ-mask (n_global sinks + window n_local) with the distance ceiling dist_max, in flash
-            attention where the backend has its leading-column KQ bias (CPU; others fall back to the non-flash
-            path under flash_attn=None), else in the non-flash path; both are exact.
+            attention where the backend has its leading-column KQ bias (CPU; CUDA with GGML_CUDA_FA_KQ_BIAS=1;
+            others fall back to the non-flash path under flash_attn=None), else in the non-flash path; both
+            are exact.
   "lminf-topk"  "lminf" plus the top-k middle tokens of the paper's later version: every token's key and value
             is kept in a store outside the KV cache (topk_store_bytes_per_token() bytes per token, on the host or
             memory-mapped in store_dir); in layers >= topk_layer, each decoded token and the last row of each
