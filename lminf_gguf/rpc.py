@@ -9,9 +9,9 @@ lminf-rpc-server of the same lminf_gguf build (the same patched ggml). llama.cpp
 reach a server or speaks another protocol version, so each server is checked here first, with the protocol's
 own handshake (a clear error instead). A server that goes away during a session fails that call and every later
 one on the Model with RemoteServerError (patch 0021 gives llama.cpp's RPC client that error path; it used to end
-the process); a server that stops answering without closing its connection (a machine cut off the network) makes
-the call wait for the operating system's TCP timeout. The RPC protocol has no authentication or encryption: keep
-the servers on a private network.
+the process), also one cut off the network without closing its connection (keep-alive probes and a 30 s bound on
+unacknowledged data, about half a minute). The RPC protocol has no authentication or encryption: keep the servers
+on a private network.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ errors, never an abort (each check in a child process, so that an abort fails th
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -162,6 +163,83 @@ def test_a_server_that_goes_away_fails_the_call_not_the_process(tiny_model, when
         for p in procs:
             p.kill()
             p.wait(10)
+
+
+@pytest.fixture
+def netns_link():
+    """A network namespace behind a veth pair: (namespace, its interface); 10.77.0.1 here, 10.77.0.2 there. Skips
+    where this machine does not let the tests make one (not root, no iproute2, no namespaces)."""
+    tag = os.getpid() % 100000
+    ns, here, there = f"lminf{tag}", f"lmva{tag}", f"lmvb{tag}"
+    steps = [["ip", "netns", "add", ns], ["ip", "link", "add", here, "type", "veth", "peer", "name", there],
+             ["ip", "link", "set", there, "netns", ns], ["ip", "addr", "add", "10.77.0.1/24", "dev", here],
+             ["ip", "link", "set", here, "up"],
+             ["ip", "netns", "exec", ns, "ip", "addr", "add", "10.77.0.2/24", "dev", there],
+             ["ip", "netns", "exec", ns, "ip", "link", "set", there, "up"],
+             ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"]]
+    try:
+        for step in steps:
+            if subprocess.run(step, capture_output=True).returncode != 0:
+                pytest.skip(f"cannot make a network namespace here ({' '.join(step)} failed)")
+        yield ns, there
+    except FileNotFoundError:
+        pytest.skip("no iproute2 (ip) on this machine")
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", here], capture_output=True)
+
+
+@needs_rpc
+def test_a_server_cut_off_the_network_fails_the_call_within_a_minute(tiny_model, netns_link):
+    """A server machine that vanishes without closing the connection (here: its address removed in its network
+    namespace, so packets to it are dropped in silence): the client's data stays unacknowledged and no answer comes.
+    llama.cpp's client retransmitted for about 15 minutes; patch 0021's keep-alive settings (TCP_USER_TIMEOUT 30 s)
+    fail the connection, and the call raises RemoteServerError."""
+    ns, there = netns_link
+    path, _ = tiny_model("f32-gqa2")
+    server = subprocess.Popen(["ip", "netns", "exec", ns, SERVER, "--host", "10.77.0.2", "--port", "50052",
+                               "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = None
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                rpc.check_server("10.77.0.2:50052", timeout=2)
+                break
+            except InvalidInputError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            import lminf_gguf
+            from conftest import random_tokens
+            toks = [int(t) for t in random_tokens(400, seed=6)]
+            model = lminf_gguf.Model({path!r}, rpc_servers="10.77.0.2:50052")
+            llm = lminf_gguf.LMInfinite(model, n_global=4, n_local=32, n_batch=16, n_threads=1)
+            llm.feed(toks[:100])
+            print("ready", flush=True)
+            sys.stdin.readline()                     # the parent has cut the server off
+            t = time.time()
+            try:
+                llm.feed(toks[100:])
+                print("no error", flush=True)
+            except lminf_gguf.RemoteServerError:
+                print("RemoteServerError", round(time.time() - t), flush=True)
+            """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+        assert child.stdout.readline().strip() == "ready", child.stderr.read()[-2000:]
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "addr", "flush", "dev", there], check=True)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        out, err = child.communicate(timeout=150)
+        assert child.returncode == 0, err[-2000:]
+        verdict, seconds = out.split()
+        assert verdict == "RemoteServerError" and int(seconds) < 90, out
+    finally:
+        for p in (child, server):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
 
 
 @needs_rpc
