@@ -27,7 +27,7 @@ import threading
 from typing import List
 
 from . import _lib
-from .errors import InvalidInputError
+from .errors import InvalidInputError, RemoteServerError
 
 __all__ = ["parse_servers", "check_server", "rpc_devices", "failed_servers", "local_gpus", "server_binary",
            "add_parser", "main"]
@@ -114,6 +114,12 @@ def rpc_devices(servers) -> list:
         for endpoint in endpoints:
             if endpoint not in _connected:
                 check_server(endpoint)
+            elif endpoint in failed_servers(endpoint):
+                # llama.cpp keeps one connection per endpoint while a model uses it: a broken one would be reused
+                # and the load would fail with a misleading "failed to allocate ... buffer"
+                raise RemoteServerError(f"the connection to RPC server {endpoint} broke earlier and an open model "
+                                        "still holds it: close every Model (and session) using that server, then "
+                                        "load again")
             server_reg = add_server(endpoint.encode())
             if not server_reg:
                 raise InvalidInputError(f"RPC server {endpoint} offers no device")

@@ -152,13 +152,19 @@ def test_a_server_that_goes_away_fails_the_call_not_the_process(tiny_model, when
                 print("no error", "new session")
             except lminf_gguf.RemoteServerError:
                 print("RemoteServerError", "new session", True)
+            try:   # another model on that endpoint while the broken connection is still held
+                lminf_gguf.Model({path!r}, rpc_servers={endpoint!r})
+                print("no error", "new model")
+            except lminf_gguf.RemoteServerError as e:
+                print("RemoteServerError", "new model", "close every Model" in str(e))
             local = open_exact({path!r}, **kw)
             print("local", local.logits(toks[:50]).shape)
             """)
         assert res.returncode == 0, res.stderr[-3000:]
         lines = res.stdout.strip().splitlines()
         assert lines == ["RemoteServerError this call True", "RemoteServerError the next call True",
-                         "RemoteServerError new session True", "local (50, 96)"], res.stdout
+                         "RemoteServerError new session True", "RemoteServerError new model True",
+                         "local (50, 96)"], res.stdout
     finally:
         for p in procs:
             p.kill()
