@@ -84,9 +84,11 @@ def save_state(llm, path: Union[str, os.PathLike], extra: Optional[dict] = None)
         raise StateError("save_state is not supported in lminf-topk mode: the middle-token store is not saved")
     if os.path.isdir(path):
         raise StateError(f"{os.fspath(path)} is a directory")
+    llm.model.check_servers()
     size = llama_raw.llama_state_seq_get_size(llm.ctx, 0)
     blob = (ctypes.c_uint8 * max(size, 1))()
     n = llama_raw.llama_state_seq_get_data(llm.ctx, blob, size, 0)
+    llm.model.check_servers()  # a cache on an RPC server that went away reads as zeros: no file of them
     if size and n == 0:
         raise RuntimeError("llama.cpp could not serialise the sequence")
     # lay the live cache out as load_state will (the cells compacted in order): attention sums run over the
@@ -180,6 +182,7 @@ def load_state(llm, path: Union[str, os.PathLike]) -> dict:
         raise StateError(f"{path}: malformed state file (extra is not an object)")
 
     # the session is touched only if the whole file is accepted: its own sequence is kept to be put back
+    llm.model.check_servers()
     backup = _sequence(llm)
     try:
         _restore(llm, blob, pos)
@@ -187,6 +190,7 @@ def load_state(llm, path: Union[str, os.PathLike]) -> dict:
         _restore(llm, backup[0])
         c.pos, c.n_seen, c.n_rebase, llm._last, llm._text = backup[1:]
         raise StateError(f"{path}: {e}; the session is as it was") from None
+    llm.model.check_servers()
     c.pos, c.n_seen, c.n_rebase = pos, n_seen, n_rebase
     llm._last = np.frombuffer(logits, dtype="<f4").astype(np.float32) if logits else None
     llm._text = bytearray(text) if header.get("has_text") else None

@@ -152,6 +152,11 @@ def test_a_server_that_goes_away_fails_the_call_not_the_process(tiny_model, when
                 print("no error", "new session")
             except lminf_gguf.RemoteServerError:
                 print("RemoteServerError", "new session", True)
+            try:   # the cache there reads as zeros now: no state file of them
+                llm.save_state("/nonexistent-dir-is-fine/s.state")
+                print("no error", "save_state")
+            except lminf_gguf.RemoteServerError:
+                print("RemoteServerError", "save_state", True)
             try:   # another model on that endpoint while the broken connection is still held
                 lminf_gguf.Model({path!r}, rpc_servers={endpoint!r})
                 print("no error", "new model")
@@ -163,7 +168,8 @@ def test_a_server_that_goes_away_fails_the_call_not_the_process(tiny_model, when
         assert res.returncode == 0, res.stderr[-3000:]
         lines = res.stdout.strip().splitlines()
         assert lines == ["RemoteServerError this call True", "RemoteServerError the next call True",
-                         "RemoteServerError new session True", "RemoteServerError new model True",
+                         "RemoteServerError new session True", "RemoteServerError save_state True",
+                         "RemoteServerError new model True",
                          "local (50, 96)"], res.stdout
     finally:
         for p in procs:
