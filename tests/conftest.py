@@ -20,7 +20,8 @@ MODEL_CONFIGS = {
     "f32-linear4": dict(dtype="f32", n_head=4, n_head_kv=2, rope_scaling=("linear", 4.0)),
     "f32-yarn2": dict(dtype="f32", n_head=4, n_head_kv=2, rope_base=500.0, rope_scaling=("yarn", 2.0, 32)),
     "f16-gqa2": dict(dtype="f16", n_head=4, n_head_kv=2),
-    # heads of 64: a size the GPU flash-attention kernels take (the others have heads of 16)
+    # wider heads: 32 (a whole q8_0/q4_0 block), 64 (a size the GPU flash-attention kernels take; the others: 16)
+    "f32-h32": dict(dtype="f32", n_embd=128, n_head=4, n_head_kv=2),
     "f32-h64": dict(dtype="f32", n_embd=128, n_head=2, n_head_kv=1),
 }
 
