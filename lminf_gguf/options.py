@@ -247,7 +247,7 @@ def check_session_args(*, mode, n_global, n_local, dist_max, n_batch, n_ubatch, 
         raise InvalidInputError(f"store_dir is not a directory: {store_dir}")
 
 
-__all__ = ["Mode", "MODES", "DEFAULT_MODE", "LLAMA_CPP_PYTHON", "KV_TYPES", "QUANTISED_KV_TYPES", "STORE_TYPES", "FLASH_CHOICES",
-           "Sampling", "SAMPLING", "CHAT_TEMPERATURE", "MAX_N", "MAX_LOGPROBS", "sampling_args", "TopK", "TOPK", "Session", "SESSION",
-           "default_threads", "add_model_flags", "add_sampling_flags", "sampling_kwargs", "engine_kwargs",
+__all__ = ["Mode", "MODES", "DEFAULT_MODE", "LLAMA_CPP_PYTHON", "KV_TYPES", "QUANTISED_KV_TYPES", "STORE_TYPES",
+           "FLASH_CHOICES", "Sampling", "SAMPLING", "CHAT_TEMPERATURE", "MAX_N", "MAX_LOGPROBS", "sampling_args", "TopK",
+           "TOPK", "Session", "SESSION", "default_threads", "add_model_flags", "add_sampling_flags", "sampling_kwargs", "engine_kwargs",
            "ignored_options", "check_session_args"]
