@@ -70,19 +70,27 @@ def check_server(endpoint: str, timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
     answer (a server serves one client at a time) or speaks another protocol version."""
     host, _, port = endpoint.rpartition(":")
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
+    except socket.timeout:
+        raise InvalidInputError(f"cannot reach RPC server {endpoint} within {timeout:g} s") from None
+    except OSError as e:
+        raise InvalidInputError(f"cannot reach RPC server {endpoint}: {e.strerror or e}") from None
+    data = b""
+    with sock:
+        try:
             sock.sendall(struct.pack("<BQ", _CMD_HELLO, _CAPS_SIZE) + bytes(_CAPS_SIZE))
-            data = b""
             while len(data) < 8 + 4 + _CAPS_SIZE:
                 part = sock.recv(64)
                 if not part:
                     break
                 data += part
-    except socket.timeout:
-        raise InvalidInputError(f"RPC server {endpoint} did not answer within {timeout:g} s (is it serving another "
-                                "client? an rpc-server serves one at a time)") from None
-    except OSError as e:
-        raise InvalidInputError(f"cannot reach RPC server {endpoint}: {e.strerror or e}") from None
+        except socket.timeout:
+            raise InvalidInputError(f"RPC server {endpoint} did not answer within {timeout:g} s (is it serving "
+                                    "another client? an rpc-server serves one at a time)") from None
+        except OSError:
+            # something accepted the connection and hung up: whether that reads as an end of stream or as a
+            # reset depends on timing, and it is the same answer (no handshake)
+            pass
     if len(data) < 12 or struct.unpack("<Q", data[:8])[0] != 4 + _CAPS_SIZE:
         raise InvalidInputError(f"{endpoint} is not a compatible RPC server (no valid handshake answer; run "
                                 "`lminf rpc-server` of this lminf_gguf there)")
