@@ -264,6 +264,24 @@ def test_flash_attention_last_row_paths_agree(tiny_model, tmp_path, n_batch):
     assert rel_err(lse, second_pass) <= 1e-4, f"the two paths differ by {rel_err(lse, second_pass):.2e}"
 
 
+@pytest.mark.parametrize("n_batch", [1, 512])
+def test_flash_attention_corrected_rows_in_the_split_kv_and_tiled_kernels(tiny_model, n_batch):
+    """The other tests' windows are too small for two of ggml's flash-attention kernels: the split-KV decode kernel
+    (one row, n_kv >= 512) and the tiled one (64 rows or more). With L = 600 a decoded row runs the first and a ubatch
+    of 512 the second, and the corrected rows take their log-sum-exps (0023/0024); against the reference within 2e-3.
+    This catches a gross error (a split-KV log-sum-exp off by 0.4 fails it); test-backend-ops checks these kernels'
+    log-sum-exps against the vector kernel's at nmse 1e-7, and the tests above check the vector kernel's finely."""
+    path, ref = tiny_model("f32-gqa2")
+    n_local = 600
+    tokens = random_tokens(n_local + 200, seed=5)
+    llm = open_exact(path, "lminf-topk", n_global=G, n_local=n_local, dist_max=n_local, n_batch=n_batch, topk=3,
+                     topk_layer=1, topk_dist=n_local // 2, store_type="f32", flash_attn=True, kv="f16")
+    want = ref.logits(tokens, mode="lminf", n_global=G, n_local=n_local, dist_max=n_local,
+                      topk=TopK(3, 1, n_local // 2, last_rows(len(tokens), n_batch)))
+    err = rel_err(llm.logits(tokens), want)
+    assert err <= HALF, f"relative error {err:.2e}"
+
+
 def test_flash_attention_keeps_the_middle_tokens(tiny_model):
     """Guards the flash tests: the same run without the last-row correction (plain lminf with flash attention) is far
     beyond their bound, so a correction that did nothing would fail them."""
