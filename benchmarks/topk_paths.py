@@ -21,6 +21,7 @@ here is that neither is further from it than the non-flash path. The tight compa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -47,8 +48,6 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main() -> None:
-    import json
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--n-global", type=int, default=10)

