@@ -12,6 +12,7 @@ import numpy as np
 from . import inputs
 from ._lib import llama_cpp, llama_raw
 from .errors import InvalidInputError
+from .grammar import check_gbnf
 from .options import MODES
 
 
@@ -29,10 +30,13 @@ def check_sampling(llm, sampling: dict) -> dict:
 def _grammar_sampler(llm, grammar):
     """llama.cpp's grammar sampler; InvalidInputError when it cannot parse the grammar (it returns NULL, which
     llama-cpp-python's add_grammar hands on to the chain: a segfault)."""
-    try:
-        text, root = grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
-    except AttributeError:
-        raise InvalidInputError("grammar must be a llama-cpp-python LlamaGrammar") from None
+    text, root = getattr(grammar, "_grammar", None), getattr(grammar, "_root", None)
+    if not isinstance(text, str) or not isinstance(root, str):
+        raise InvalidInputError("grammar must be a llama-cpp-python LlamaGrammar")
+    # every grammar passes here before llama.cpp's recursive parser sees it, whatever built it (grammar.py)
+    check_gbnf(text, "grammar")
+    check_gbnf(root, "grammar root")
+    text, root = text.encode("utf-8", "surrogatepass"), root.encode("utf-8", "surrogatepass")
     sampler = llama_raw.llama_sampler_init_grammar(llm._model.vocab, text, root)
     if not sampler:
         raise InvalidInputError("the grammar does not parse (llama.cpp's grammar parser refused it)")

@@ -4,15 +4,13 @@ LMInfinite.create_completion / create_chat_completion / chat_formatter / render_
 from __future__ import annotations
 
 import codecs
-import json
-import re
 import time
 import uuid
 from dataclasses import dataclass
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
-from . import inputs
+from . import grammar, inputs
 from ._lib import llama_cpp, llama_raw
 from .errors import InvalidInputError
 from .context import in_use
@@ -405,65 +403,22 @@ def tokenize_chat(llm, data: bytes, start: int, spans, add_bos: bool) -> list:
 
 def response_format_grammar(response_format: dict):
     """OpenAI's response_format as a grammar: "text" (none), "json_object" (any JSON object; a "schema" key
-    narrows it) or "json_schema" ({"json_schema": {"schema": ...}}), with llama-cpp-python's JSON-schema
-    converter."""
+    narrows it) or "json_schema" ({"json_schema": {"schema": ...}}), bounded and built by grammar.py."""
     if not isinstance(response_format, dict):
         raise InvalidInputError("response_format must be an object with a 'type'")
     kind = response_format.get("type")
-    grammars = llama_cpp.llama_grammar
     if kind == "text":
         return None
     if kind == "json_object":
         schema = response_format.get("schema")
-        if schema is not None:
-            _check_schema_size(schema)
-        return (grammars.LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False) if schema is not None
-                else grammars.LlamaGrammar.from_string(grammars.JSON_GBNF, verbose=False))
+        return grammar.any_json() if schema is None else grammar.from_schema(schema, "response_format")
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise InvalidInputError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
-        _check_schema_size(schema)
-        try:
-            return grammars.LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
-        except Exception as e:  # the converter's own errors: a schema it cannot express
-            raise InvalidInputError(f"response_format: this JSON schema has no grammar ({e})") from None
+        return grammar.from_schema(schema, "response_format")
     raise InvalidInputError(f"response_format type must be text, json_object or json_schema, not {kind!r}")
-
-
-# bounds on what a schema may ask of the grammar converter: it unrolls counts, so {"minLength": 10**9} would build
-# a grammar of 10^9 rules and exhaust the host's memory (found while checking this path)
-_SCHEMA_MAX_COUNT = 1000
-_SCHEMA_MAX_NODES = 10000
-_SCHEMA_MAX_DEPTH = 64
-_COUNT_KEYS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
-_QUANTIFIER = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
-
-
-def _check_schema_size(schema) -> None:
-    """InvalidInputError for a schema whose grammar would be unbounded in practice: counts or regex repeats above
-    _SCHEMA_MAX_COUNT, more than _SCHEMA_MAX_NODES values, or nesting deeper than _SCHEMA_MAX_DEPTH."""
-    nodes = 0
-    stack = [(schema, 0)]
-    while stack:
-        node, depth = stack.pop()
-        nodes += 1
-        if nodes > _SCHEMA_MAX_NODES or depth > _SCHEMA_MAX_DEPTH:
-            raise InvalidInputError("response_format: the JSON schema is too large or too deeply nested")
-        if isinstance(node, dict):
-            for key in _COUNT_KEYS:
-                value = node.get(key)
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > _SCHEMA_MAX_COUNT:
-                    raise InvalidInputError(f"response_format: {key} {value} is above {_SCHEMA_MAX_COUNT}")
-            pattern = node.get("pattern")
-            if isinstance(pattern, str):
-                for m in _QUANTIFIER.finditer(pattern):
-                    if any(g and int(g) > _SCHEMA_MAX_COUNT for g in m.groups()):
-                        raise InvalidInputError(f"response_format: a pattern repeat above {_SCHEMA_MAX_COUNT}")
-            stack.extend((v, depth + 1) for v in node.values())
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node)
 
 
 # the module functions under other names: the mixin's methods of the same names shadow them in its class body
