@@ -118,6 +118,7 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles):
         check_cache_types(self.metadata, type_k, type_v)
         self._last: Optional[np.ndarray] = None    # logits after the last evaluated token
         self._text: Optional[bytearray] = None     # the text the sequence holds, when known (chat reuse)
+        self._tokens: Optional[list] = None        # ... and its token ids, as evaluated (None with _text)
         self._formatter = None
         self._template_source = None
         self._bos_text = ""
@@ -208,7 +209,7 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles):
         """Start a fresh sequence."""
         self._cache.reset()
         self._last = None
-        self._text = None
+        self._text = self._tokens = None
 
     def cancel(self) -> None:
         """Ask the call in progress (from another thread, or a signal handler) to stop at the next token or batch.
@@ -237,7 +238,7 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles):
         rc = llama_raw.llama_decode(self.ctx, batch)
         self.model.check_servers()  # a server that went away during the call: zeros came back, not an abort
         if rc != 0:
-            self._text = None
+            self._text = self._tokens = None
             raise RuntimeError(f"llama_decode failed with code {rc} at stream position {self._cache.n_seen}")
         self._cache.advance(n)
         n_out = n if all_logits else 1
@@ -250,7 +251,7 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles):
     def eval(self, tokens: Sequence[int], all_logits: bool = False) -> Iterator[np.ndarray]:
         """Append tokens to the sequence, n_batch at a time; yield each batch's logits (views, copy to keep)."""
         tokens = inputs.token_ids(self.n_vocab, tokens)
-        self._text = None
+        self._text = self._tokens = None
         for start in range(0, len(tokens), self.n_batch):
             yield self._decode(tokens[start:start + self.n_batch], all_logits)
 

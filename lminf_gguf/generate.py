@@ -99,8 +99,8 @@ def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[by
         info["tokens"] = []
     if fresh:
         llm.reset()
-    prev_text = llm._text
-    llm._text = None
+    prev_text, prev_tokens = llm._text, llm._tokens
+    llm._text = llm._tokens = None
     done = 0
     if prompt_logprobs:
         info["prompt"] = []
@@ -121,6 +121,10 @@ def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[by
             progress(done, len(tokens))
     if text is not None:
         llm._text = bytearray(text) if fresh else (prev_text + text if prev_text is not None else None)
+        llm._tokens = list(tokens) if fresh else (prev_tokens + list(tokens) if prev_tokens is not None and
+                                                  llm._text is not None else None)
+        if llm._tokens is None:
+            llm._text = None
     if llm._last is None:
         raise InvalidInputError("nothing to continue: empty prompt and empty sequence")
     if max_tokens is None or max_tokens <= 0:
@@ -173,6 +177,7 @@ def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[by
             llm._decode([tok], all_logits=False)
             if llm._text is not None:
                 llm._text += piece
+                llm._tokens.append(tok)
         else:
             info["finish_reason"] = "length"
         generated += decoder.decode(b"", final=True)

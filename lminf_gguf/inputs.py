@@ -107,7 +107,7 @@ def feed(llm, blocks, fraction, progress) -> int:
     for batch in batches(consumed.blocks, llm.n_batch):
         if llm._cancel.is_set():
             raise Cancelled(f"feed cancelled after {done} tokens")
-        llm._text = None
+        llm._text = llm._tokens = None
         llm._decode(batch, all_logits=False)
         done += len(batch)
         if progress:

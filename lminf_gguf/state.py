@@ -22,7 +22,8 @@ from .files import temp_next_to
 from .options import MODES
 
 STATE_MAGIC = b"LMINFST\x00"
-STATE_VERSION = 2  # 2: the model identity hashes the whole file
+STATE_VERSION = 3  # 2: the model identity hashes the whole file; 3: the chat text's token ids (prefix reuse)
+_VERSIONS = {2: 3, 3: 4}  # version: sections after the header (2: logits, text, sequence; 3: + token ids)
 
 # a state file is read whole: anything larger than this is not one of ours (a bounded cache of a large model and
 # its logits stay far below)
@@ -105,9 +106,10 @@ def save_state(llm, path: Union[str, os.PathLike], extra: Optional[dict] = None)
     hjson = json.dumps(header).encode()
     logits = llm._last.astype("<f4").tobytes() if llm._last is not None else b""
     text = bytes(llm._text) if llm._text is not None else b""
+    ids = np.asarray(llm._tokens if llm._text is not None else [], dtype="<i4").tobytes()
     body = b"".join([STATE_MAGIC, struct.pack("<II", STATE_VERSION, len(hjson)), hjson,
                      struct.pack("<Q", len(logits)), logits, struct.pack("<Q", len(text)), text,
-                     struct.pack("<Q", n), ctypes.string_at(blob, n)])
+                     struct.pack("<Q", len(ids)), ids, struct.pack("<Q", n), ctypes.string_at(blob, n)])
     digest = hashlib.sha256(body).digest()
     # a temporary file next to the target, renamed over it when complete, removed on every failure
     target = os.path.abspath(os.fspath(path))
@@ -137,7 +139,7 @@ def load_state(llm, path: Union[str, os.PathLike]) -> dict:
     if len(data) < len(STATE_MAGIC) + 8 + 32:
         raise StateError(f"{path}: truncated state file")
     version, hlen = struct.unpack_from("<II", data, len(STATE_MAGIC))
-    if version != STATE_VERSION:
+    if version not in _VERSIONS:
         raise StateError(f"{path}: state file version {version}, this lminf_gguf reads version "
                          f"{STATE_VERSION}")
     body, digest = data[:-32], data[-32:]
@@ -150,7 +152,7 @@ def load_state(llm, path: Union[str, os.PathLike]) -> dict:
             raise ValueError("the header is not a JSON object")
         off += hlen
         parts = []
-        for _ in range(3):
+        for _ in range(_VERSIONS[version]):
             (n,) = struct.unpack_from("<Q", body, off)
             parts.append(body[off + 8:off + 8 + n])
             off += 8 + n
@@ -158,7 +160,12 @@ def load_state(llm, path: Union[str, os.PathLike]) -> dict:
             raise ValueError("trailing bytes")
     except (ValueError, struct.error, RecursionError, OverflowError) as e:
         raise StateError(f"{path}: malformed state file ({e})") from None
-    logits, text, blob = parts
+    logits, text, ids, blob = parts if len(parts) == 4 else (parts[0], parts[1], None, parts[2])
+    if ids is not None and len(ids) % 4:
+        raise StateError(f"{path}: malformed state file (token ids)")
+    tokens = None if ids is None else np.frombuffer(ids, dtype="<i4").tolist()
+    if tokens is not None and any(not 0 <= t < llm.n_vocab for t in tokens):
+        raise StateError(f"{path}: malformed state file (token ids outside the vocabulary)")
     if header.get("model_id") != model_id(llm):
         raise StateError(f"{path} was saved with another model ({header.get('model_path')}); this "
                          f"session runs {llm.model_path}")
@@ -188,22 +195,24 @@ def load_state(llm, path: Union[str, os.PathLike]) -> dict:
         _restore(llm, blob, pos)
     except StateError as e:
         _restore(llm, backup[0])
-        c.pos, c.n_seen, c.n_rebase, llm._last, llm._text = backup[1:]
+        c.pos, c.n_seen, c.n_rebase, llm._last, llm._text, llm._tokens = backup[1:]
         raise StateError(f"{path}: {e}; the session is as it was") from None
     llm.model.check_servers()
     c.pos, c.n_seen, c.n_rebase = pos, n_seen, n_rebase
     llm._last = np.frombuffer(logits, dtype="<f4").astype(np.float32) if logits else None
-    llm._text = bytearray(text) if header.get("has_text") else None
+    # a version 2 file has no token ids: its chat text cannot be reused token for token (the next chat starts afresh)
+    has_text = bool(header.get("has_text")) and tokens is not None
+    llm._text, llm._tokens = (bytearray(text), tokens) if has_text else (None, None)
     return header.get("extra") or {}
 
 
 def _sequence(llm) -> tuple:
-    """The live sequence: (llama.cpp's blob, pos, n_seen, n_rebase, last logits, text)."""
+    """The live sequence: (llama.cpp's blob, pos, n_seen, n_rebase, last logits, text, its token ids)."""
     size = llama_raw.llama_state_seq_get_size(llm.ctx, 0)
     buf = (ctypes.c_uint8 * max(size, 1))()
     n = llama_raw.llama_state_seq_get_data(llm.ctx, buf, size, 0)
     c = llm._cache
-    return ctypes.string_at(buf, n), c.pos, c.n_seen, c.n_rebase, llm._last, llm._text
+    return ctypes.string_at(buf, n), c.pos, c.n_seen, c.n_rebase, llm._last, llm._text, llm._tokens
 
 
 def _restore(llm, blob: bytes, pos: Optional[int] = None) -> None:

@@ -48,7 +48,7 @@ def _split(data: bytes):
     off = len(MAGIC) + 8
     header = json.loads(data[off:off + hlen])
     parts, pos = [], off + hlen
-    for _ in range(3):
+    for _ in range({2: 3}.get(version, 4)):   # sections: logits, text, (3: token ids,) sequence
         (n,) = struct.unpack_from("<Q", data, pos)
         parts.append(data[pos + 8:pos + 8 + n])
         pos += 8 + n
@@ -89,14 +89,14 @@ def mutate(base: bytes, rng: random.Random) -> tuple[str, bytes]:
         return f"deep {depth}", _join(version, None, parts, header_bytes=b"[" * depth + b"]" * depth,
                                       checksum=checksum)
     if kind == "blob":
-        blob = bytearray(parts[2])
+        blob = bytearray(parts[-1])
         for _ in range(rng.choice([1, 1, 2, 4, 8])):
             if blob:
                 at = rng.randrange(min(len(blob), rng.choice([16, 64, 256, len(blob)])))
                 blob[at] = rng.randrange(256) if rng.random() < 0.5 else blob[at] ^ (1 << rng.randrange(8))
-        return "blob flip", _join(version, header, [parts[0], parts[1], bytes(blob)], checksum=checksum)
+        return "blob flip", _join(version, header, [*parts[:-1], bytes(blob)], checksum=checksum)
     if kind == "parts":
-        i = rng.randrange(3)
+        i = rng.randrange(len(parts))
         p = bytearray(parts[i])
         if rng.random() < 0.5 and p:
             del p[rng.randrange(len(p)):]
@@ -106,7 +106,7 @@ def mutate(base: bytes, rng: random.Random) -> tuple[str, bytes]:
         new[i] = bytes(p)
         return f"part {i} length", _join(version, header, new, checksum=checksum)
     if kind == "version":
-        return "version", _join(rng.choice([0, 1, 3, 2**32 - 1]), header, parts, checksum=checksum)
+        return "version", _join(rng.choice([0, 1, 2, 4, 2**32 - 1]), header, parts, checksum=checksum)
     if kind == "lengths":
         data = bytearray(_join(version, header, parts))
         hlen = struct.unpack_from("<I", data, len(MAGIC) + 4)[0]
