@@ -146,7 +146,17 @@ def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[by
                 lp = log_softmax(llm._last)
             cand.copy_logits(llm._last)
             llama_raw.llama_sampler_apply(sampler.sampler, ctypes.byref(cand.candidates))
-            tok = int(cand.candidates_data.id[cand.candidates.selected])
+            selected = cand.candidates.selected
+            tok = int(cand.candidates_data.id[selected])
+            if cand.candidates_data.logit[selected] == -np.inf:
+                # every token is ruled out (a grammar that asks for text no token spells, or one complete while
+                # logit_bias bans the end of turn): llama.cpp's grammar would throw on accepting any of them, and
+                # a C++ exception there ends the process
+                if not info["completion_tokens"]:
+                    raise InvalidInputError("the grammar allows no token of this model's vocabulary here (it asks "
+                                            "for text that no token spells)")
+                info["finish_reason"] = "stop"
+                break
             if llama_raw.llama_vocab_is_eog(vocab, tok):
                 info["finish_reason"] = "stop"
                 break

@@ -5,8 +5,8 @@ chain in its left-recursion check) and llama-cpp-python's JSON-schema converter 
 150-byte request could once overflow a thread's stack (a pattern `a{,1000000}`: 10^6 nested groups) or ask for a
 10^9-character literal. The defence is a size and depth check before the recursive parse, at two levels:
 
-- the schema, before the converter runs: node count, nesting, the count keywords, and each regex `pattern`'s
-  expanded size (every repeat syntax the converter reads: `{N}`, `{N,}`, `{,M}`, `{N,M}`, `*`, `+`, `?`; only
+- the schema, before the converter runs: node count, nesting, the count keywords, enum/anyOf/oneOf sizes, and
+  each regex `pattern`'s expanded size (every repeat syntax the converter reads: `{N}`, `{N,}`, `{,M}`, `{N,M}`, `*`, `+`, `?`; only
   ASCII digits, where Python's int() would also take `1_000` or non-ASCII digits);
 - the GBNF text, whatever its source (a schema, a tool, a grammar given directly): its size, its rule count and
   its group nesting, which bound the parser's recursion to a known number of frames.
@@ -30,6 +30,9 @@ MAX_SCHEMA_COUNT = 1000      # minLength/maxLength/minItems/..., and each regex 
 MAX_SCHEMA_NODES = 10000     # values in the schema
 MAX_SCHEMA_DEPTH = 64        # nesting of the schema's objects and lists
 MAX_PATTERN_SIZE = 20000     # a regex pattern's expanded size (its repeats multiplied out)
+# alternatives of one enum / anyOf / oneOf: each is a grammar stack that every sampled token is checked against
+# (3,000 made one 4-token reply take 11 s, found by scripts/fuzz_grammar.py)
+MAX_SCHEMA_CHOICES = 512
 # the GBNF text: bounds of llama.cpp's recursive parse (a frame pair per group level, a frame per rule of a chain)
 MAX_GBNF_BYTES = 1 << 20
 MAX_GBNF_RULES = 4096
@@ -59,6 +62,10 @@ def check_schema(schema, where: str) -> None:
                     raise InvalidInputError(f"{where}: {key} {value} is above {MAX_SCHEMA_COUNT}")
             if isinstance(node.get("pattern"), str):
                 pattern_size(node["pattern"], where)
+            for key in ("enum", "anyOf", "oneOf"):
+                if isinstance(node.get(key), list) and len(node[key]) > MAX_SCHEMA_CHOICES:
+                    raise InvalidInputError(f"{where}: {key} has {len(node[key])} alternatives, more than "
+                                            f"{MAX_SCHEMA_CHOICES}")
             stack.extend((v, depth + 1) for v in node.values())
         elif isinstance(node, list):
             stack.extend((v, depth + 1) for v in node)

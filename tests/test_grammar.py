@@ -51,7 +51,9 @@ def test_hostile_patterns_are_refused_by_name(pattern, named):
     ({"type": "string", "maxLength": 10 ** 9}, "maxLength"),
     ({"type": "array", "minItems": 5000}, "minItems"),
     ({"type": "array", "maxItems": float("nan")}, "maxItems"),
-    ({"enum": list(range(20000))}, "more than 10000 values"),
+    ({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(6000)}}, "more than 10000 values"),
+    ({"enum": list(range(600))}, "enum has 600 alternatives"),
+    ({"anyOf": [{"const": i} for i in range(600)]}, "anyOf has 600"),
     ({"$ref": "#"}, "no grammar"),
     ({"type": "nonsense"}, "no grammar"),
 ])
@@ -172,3 +174,25 @@ def test_fuzzed_schemas_slice():
     assert not [r for r in results if r[1] in fuzz.FAILURES], counts
     assert counts["4xx"] >= 30 and counts["2xx"] >= 10, counts
     assert peak < 1024, peak
+
+
+@needs_default_model
+def test_a_grammar_no_token_can_follow_ends_the_reply_instead_of_the_process():
+    """Found by the fuzzer: {"enum": ["\\u0000"]} asks for a NUL that no token spells, every candidate is ruled
+    out, and llama.cpp's grammar threw on accepting the one greedy picked anyway ("Unexpected empty grammar stack"):
+    an uncaught C++ exception, SIGABRT. Now the reply ends there (or, before its first token, a 400)."""
+    proc = run_child("""
+        import lminf_gguf
+        llm = lminf_gguf.LMInfinite(n_local=64, n_threads=1)
+        for schema in ({"enum": ["\\u0000"]}, {"const": "\\u0001\\u0002"}, {"type": "string", "pattern": "^\\u0000+$"}):
+            for stream in (False, True):
+                try:
+                    out = llm.create_chat_completion([{"role": "user", "content": "x"}], max_tokens=8, stream=stream,
+                        response_format={"type": "json_schema", "json_schema": {"schema": schema}})
+                    print("finish", list(out)[-1]["choices"][0]["finish_reason"] if stream
+                          else out["choices"][0]["finish_reason"])
+                except lminf_gguf.InvalidInputError:
+                    print("refused")
+    """)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert len(proc.stdout.split("\n")) >= 6 and "length" not in proc.stdout, proc.stdout
