@@ -72,6 +72,10 @@ class RequestIO:
                 raw = self.rfile.read(n)
             if len(raw) < n:
                 raise _ClientGone()
+        held = getattr(self, "_held", None)  # the server's ExitStack for this request (server._dispatch)
+        if held is not None:
+            # the parsed body lives until the request ends, waiting for a slot or running: its cost is held as long
+            held.enter_context(self.server.body_budget(len(raw) * getattr(self.server, "parsed_body_cost", 1)))
         try:
             body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
         except RecursionError:

@@ -4,13 +4,14 @@ LMInfinite.create_completion / create_chat_completion / chat_formatter / render_
 from __future__ import annotations
 
 import codecs
+import json
 import time
 import uuid
 from dataclasses import dataclass
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
-from . import grammar, inputs
+from . import grammar, inputs, tools
 from ._lib import llama_cpp, llama_raw
 from .errors import InvalidInputError
 from .context import in_use
@@ -265,29 +266,61 @@ def chat_formatter(llm):
     return llm._formatter
 
 
-def render_chat(llm, messages: List[dict]) -> str:
-    """The prompt for messages: the model's chat template (falling back to ChatML when it fails)."""
+def chat_template(llm) -> tuple:
+    """(label, Jinja2 source) of the chat template in use: the GGUF file's, or the fallback's."""
+    chat_formatter(llm)
+    if llm._template_source == "gguf":
+        return f"the chat template of {llm.model_name}", llm.metadata["tokenizer.chat_template"]
+    name, source, _ = fallback_template(llm)
+    return f"the {name} fallback template ({llm.model_name} has no usable one)", source
+
+
+def tool_plan(llm, tool_list, tool_choice, parallel_tool_calls) -> tools.ToolPlan:
+    """The request's tool fields checked and bound to this model's chat template (tools.check_tools, tools.bind)."""
+    plan = tools.check_tools(tool_list, tool_choice, parallel_tool_calls)
+    return tools.bind(plan, *chat_template(llm)) if plan.active else plan
+
+
+def _offered(tool_list, tool_choice) -> Optional[list]:
+    """The tools a request shows the template (checked; no grammar built: a slot's score needs only the prompt)."""
+    return tools.check_tools(tool_list, tool_choice).tools
+
+
+def render_chat(llm, messages: List[dict], tool_list: Optional[list] = None) -> str:
+    """The prompt for messages (and the tools offered, as tool_plan's ToolPlan.tools): the model's chat template
+    (falling back to ChatML when it fails, unless tools or tool calls are involved: the fallback would drop them)."""
     formatter = chat_formatter(llm)
+    messages = tools.template_messages(messages)
+    calls = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("tool_calls")]
+    if calls:
+        label, source = chat_template(llm)
+        if not tools.reads_tool_calls(source):
+            raise InvalidInputError(f"messages[{calls[0]}].tool_calls: {label} never shows an assistant's tool "
+                                    "calls, so this history cannot be given to the model")
     try:
-        return formatter(messages=messages).prompt
-    except Exception:
+        return formatter(messages=messages, tools=tool_list).prompt
+    except Exception as e:
         if llm._template_source != "gguf":
             raise
+        if tool_list or calls:
+            raise InvalidInputError(f"{chat_template(llm)[0]} cannot render this conversation with its tools "
+                                    f"({type(e).__name__}: {str(e)[:200]})") from None
         Jinja2ChatFormatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter
         return Jinja2ChatFormatter(fallback_template(llm)[1], eos_token="", bos_token="")(messages=messages).prompt
 
 
-def held_prefix(llm, messages: List[dict], rendered: Optional[dict] = None) -> int:
+def held_prefix(llm, messages: List[dict], rendered: Optional[dict] = None, tool_list: Optional[list] = None) -> int:
     """Bytes of the rendered conversation that the sequence already holds (0: a chat would start afresh); reads
     only, so that a server can pick the slot that holds a conversation before taking it. rendered: a dict shared by
-    the sessions of one model, so that the conversation is rendered once however many sessions are asked."""
+    the sessions of one model, so that the conversation is rendered once however many sessions are asked;
+    tool_list: the tools offered (as render_chat)."""
     held = llm._text
     if held is None or not messages:
         return 0
     rendered = {} if rendered is None else rendered
     if "data" not in rendered:
         try:
-            rendered["data"] = render_chat(llm, list(messages)).encode("utf-8", errors="replace")
+            rendered["data"] = render_chat(llm, list(messages), tool_list).encode("utf-8", errors="replace")
         except Exception:  # noqa: BLE001 (the request itself will report a template that fails)
             rendered["data"] = b""
     data = rendered["data"]
@@ -297,10 +330,16 @@ def held_prefix(llm, messages: List[dict], rendered: Optional[dict] = None) -> i
 def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int], sampling: dict,
                            stop: Union[str, List[str], None], stream: bool, n: int = 1,
                            logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None,
-                           stream_options: Optional[dict] = None):
+                           stream_options: Optional[dict] = None, plan: Optional[tools.ToolPlan] = None):
     """Chat completion with the dict shape of llama_cpp.Llama.create_chat_completion ("chat.completion";
     with stream=True "chat.completion.chunk" dicts: per choice a first delta {"role": "assistant"}, then
     {"content"}, then {} with the finish_reason).
+
+    Tools (plan, from tool_plan): the template shows them; the reply is split into content and
+    message.tool_calls ([{"id": "call_...", "type": "function", "function": {"name", "arguments": JSON text}}],
+    content None when the reply is calls only), with finish_reason "tool_calls" when the model called tools and
+    stopped by itself. Streamed, each call comes as it completes, as two tool_calls deltas: {"index", "id",
+    "type", "function": {"name", "arguments": ""}}, then {"index", "function": {"arguments"}}.
 
     The conversation stays in the sequence: when the newly rendered prompt extends the text the sequence
     already holds (the previous prompt plus the reply as generated), only the new part is evaluated;
@@ -324,39 +363,62 @@ def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int],
             raise InvalidInputError("top_logprobs needs logprobs=True")
     k = (top_logprobs or 0) if logprobs else None
     with_usage = include_usage(stream, stream_options)
-    prompt = render_chat(llm, list(messages))
+    plan = plan or tools.ToolPlan()
+    prompt = render_chat(llm, list(messages), plan.tools)
     data = prompt.encode("utf-8", errors="replace")
-    spans = content_spans(data, messages)
-    held = llm._text
+    spans = content_spans(data, messages, plan.tools)
+    add_bos = not (llm._bos_text and prompt.startswith(llm._bos_text))
+    tokens = tokenize_chat(llm, data, 0, spans, add_bos)
+    held, held_tokens = llm._text, llm._tokens
     runs = []
-    if held is not None and len(data) > len(held) and data.startswith(bytes(held)):
-        runs.append(_Run(tokenize_chat(llm, data, len(held), spans, False), False, data[len(held):], None, sampling))
-    if len(runs) < n:
-        add_bos = not (llm._bos_text and prompt.startswith(llm._bos_text))
-        tokens = tokenize_chat(llm, data, 0, spans, add_bos)
-        runs += [_Run(tokens, True, data, None, _seeded(sampling, i)) for i in range(len(runs), n)]
+    # the sequence is reused only when the tokens it holds are a prefix of a fresh tokenisation of the new prompt:
+    # a reply that the client extends inside a token ("How" -> "However") or that the model spelt in other tokens
+    # than the tokeniser would is evaluated afresh, so that every slot (and a fresh session) sees the same tokens
+    if (held is not None and held_tokens is not None and len(data) > len(held) and data.startswith(bytes(held))
+            and len(tokens) > len(held_tokens) and tokens[:len(held_tokens)] == held_tokens):
+        runs.append(_Run(tokens[len(held_tokens):], False, data[len(held):], None, sampling))
+    runs += [_Run(tokens, True, data, None, _seeded(sampling, i)) for i in range(len(runs), n)]
     stops = stop_list(stop) + [fallback_template(llm)[2]] * (llm._template_source != "gguf")
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     events = _events(llm, runs, max_tokens, stops, None, k, usage)
     head = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": llm.model_name}
     if stream:
-        return _chat_chunks(head, events, k is not None, usage if with_usage else None)
+        return _chat_chunks(head, events, k is not None, usage if with_usage else None, plan)
     choices = [{"index": i, "message": {"role": "assistant", "content": ""},
                 "logprobs": [] if k is not None else None, "finish_reason": None} for i in range(n)]
     _collect(events, choices, "message", chat_logprobs)
+    if plan.active:
+        for c in choices:
+            content, calls = tools.split_reply(c["message"]["content"], plan.fmt, plan.names, plan.parallel)
+            if calls:
+                c["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+                c["finish_reason"] = _tool_finish(c["finish_reason"])
     return dict(head, object="chat.completion", choices=choices, usage=_usage(usage))
 
 
-def _chat_chunks(head: dict, events, with_logprobs: bool, usage: Optional[dict]):
+def _tool_finish(finish: str) -> str:
+    # "tool_calls" only when the model ended its turn itself: a reply cut by max_tokens stays "length"
+    return "tool_calls" if finish == "stop" else finish
+
+
+def _chat_chunks(head: dict, events, with_logprobs: bool, usage: Optional[dict], plan: tools.ToolPlan):
     head = dict(head, object="chat.completion.chunk")
     extra = {"usage": None} if usage is not None else {}
     started = set()
+    filters: dict = {}
     for index, text, records, finish in events:
         if index not in started:
             started.add(index)
             yield dict(head, choices=[{"index": index, "delta": {"role": "assistant"}, "logprobs": None,
                                        "finish_reason": None}], **extra)
-        if text or finish is not None:
+            if plan.active:
+                filters[index] = _ToolChunks(tools.CallFilter(plan.fmt, plan.names, plan.parallel))
+        if index in filters:
+            for delta, recs, end in filters[index].step(text, records, finish):
+                yield dict(head, choices=[{"index": index, "delta": delta,
+                                           "logprobs": chat_logprobs(recs) if with_logprobs and recs else None,
+                                           "finish_reason": end}], **extra)
+        elif text or finish is not None:
             delta = {"content": text} if text else {}
             yield dict(head, choices=[{"index": index, "delta": delta,
                                        "logprobs": chat_logprobs(records) if with_logprobs and text else None,
@@ -365,11 +427,42 @@ def _chat_chunks(head: dict, events, with_logprobs: bool, usage: Optional[dict])
         yield dict(head, choices=[], usage=_usage(usage))
 
 
-def content_spans(data: bytes, messages) -> list:
+class _ToolChunks:
+    """One streamed choice through a tools.CallFilter: (delta, token records, finish_reason) per chunk to send;
+    token records wait for the next chunk sent (a held-back piece has none of its own)."""
+
+    def __init__(self, calls: tools.CallFilter):
+        self.filter, self.records, self.n_calls = calls, [], 0
+
+    def step(self, text: str, records: list, finish: Optional[str]):
+        self.records += records
+        events = self.filter.feed(text) if text else []
+        if finish is not None:
+            events += self.filter.close()
+        for kind, value in events:
+            if kind == "content":
+                yield {"content": value}, self._take(), None
+                continue
+            k, self.n_calls = self.n_calls, self.n_calls + 1
+            fn = value["function"]
+            yield {"tool_calls": [{"index": k, "id": value["id"], "type": "function",
+                                   "function": {"name": fn["name"], "arguments": ""}}]}, [], None
+            yield {"tool_calls": [{"index": k, "function": {"arguments": fn["arguments"]}}]}, self._take(), None
+        if finish is not None:
+            yield {}, self._take(), _tool_finish(finish) if self.n_calls else finish
+
+    def _take(self) -> list:
+        out, self.records = self.records, []
+        return out
+
+
+def content_spans(data: bytes, messages, tool_list: Optional[list] = None) -> list:
     """Byte spans of the rendered prompt that hold the messages' contents, found in order (a template that trims
-    a content is matched on the trimmed text). A content is the caller's text: special-token text in it must
-    stay text, or a user could close the turn and speak for the assistant."""
-    spans, cursor = [], 0
+    a content is matched on the trimmed text), and the tools' and tool calls' JSON where the template writes it
+    as `| tojson` does. A content is the caller's text: special-token text in it must stay text, or a user could
+    close the turn and speak for the assistant."""
+    spans = _json_spans(data, messages, tool_list)
+    cursor = 0
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(content, str):
@@ -381,7 +474,31 @@ def content_spans(data: bytes, messages) -> list:
                 spans.append((at, at + len(needle)))
                 cursor = at + len(needle)
                 break
+    return _disjoint(spans)
+
+
+def _json_spans(data: bytes, messages, tool_list: Optional[list]) -> list:
+    """Spans of the tools' JSON and the history's call arguments, each at its first place in data."""
+    texts = [json.dumps(t, ensure_ascii=False) for t in tool_list or []]
+    for m in tools.template_messages(list(messages)):
+        for c in (m.get("tool_calls") or []) if isinstance(m, dict) else []:
+            texts.append(json.dumps(c["function"]["arguments"], ensure_ascii=False))
+    spans = []
+    for text in texts:
+        needle = text.encode("utf-8", errors="replace")
+        at = data.find(needle)
+        if at >= 0:
+            spans.append((at, at + len(needle)))
     return spans
+
+
+def _disjoint(spans: list) -> list:
+    """Spans sorted, each overlapping an earlier kept one dropped (tokenize_chat takes them in order)."""
+    out: list = []
+    for a, b in sorted(spans):
+        if not out or a >= out[-1][1]:
+            out.append((a, b))
+    return out
 
 
 def tokenize_chat(llm, data: bytes, start: int, spans, add_bos: bool) -> list:
@@ -456,14 +573,20 @@ class OpenAIStyle:
         for gemma models, else ChatML)."""
         return chat_formatter(self)
 
-    def render_chat(self, messages: List[dict]) -> str:
-        """The prompt for messages: the model's chat template (falling back to ChatML when it fails)."""
-        return render_chat(self, messages)
+    def render_chat(self, messages: List[dict], tools: Optional[list] = None) -> str:
+        """The prompt for messages and the tools offered (OpenAI's `tools`): the model's chat template (falling back
+        to ChatML when it fails, unless tools or tool calls are involved)."""
+        return render_chat(self, messages, tool_plan(self, tools, None, None).tools)
 
-    def held_prefix(self, messages: List[dict], rendered: Optional[dict] = None) -> int:
+    def held_prefix(self, messages: List[dict], rendered: Optional[dict] = None, tools: Optional[list] = None,
+                    tool_choice=None) -> int:
         """Bytes of the rendered conversation this session already holds (0: a chat would start afresh); rendered:
-        see responses.held_prefix."""
-        return held_prefix(self, messages, rendered)
+        see responses.held_prefix; tools, tool_choice: the request's (a request with tools renders differently)."""
+        try:
+            offered = _offered(tools, tool_choice)
+        except InvalidInputError:  # the request itself will report them
+            return 0
+        return held_prefix(self, messages, rendered, offered)
 
     def create_chat_completion(self, messages: List[dict], max_tokens: Optional[int] = None,
                                temperature: float = CHAT_TEMPERATURE, top_p: float = SAMPLING.top_p,
@@ -474,12 +597,19 @@ class OpenAIStyle:
                                presence_penalty: float = SAMPLING.presence_penalty,
                                logit_bias: Optional[Dict[int, float]] = None, grammar=None,
                                response_format: Optional[dict] = None, n: int = 1, logprobs: Optional[bool] = None,
-                               top_logprobs: Optional[int] = None, stream_options: Optional[dict] = None):
+                               top_logprobs: Optional[int] = None, stream_options: Optional[dict] = None,
+                               tools: Optional[list] = None, tool_choice=None,
+                               parallel_tool_calls: Optional[bool] = None):
+        plan = tool_plan(self, tools, tool_choice, parallel_tool_calls)
         grammar = response_format_grammar(response_format) if response_format else grammar
+        if plan.grammar is not None and grammar is not None:
+            raise InvalidInputError("tool_choice \"required\" or a named function constrains the reply to tool "
+                                    "calls: it cannot be combined with response_format or grammar")
+        grammar = plan.grammar or grammar
         sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty,
                                   presence_penalty, logit_bias, grammar)
         return _chat_completion(self, messages, max_tokens, sampling, stop, stream, n=n,
                                                 logprobs=logprobs, top_logprobs=top_logprobs,
-                                                stream_options=stream_options)
+                                                stream_options=stream_options, plan=plan)
 
     create_chat_completion.__doc__ = _chat_completion.__doc__

@@ -15,8 +15,9 @@ The same paths without the /v1 prefix are accepted too. "stream": true answers w
 `data: {chunk}` per piece and `data: [DONE]` at the end. Request fields: max_tokens (or max_completion_tokens),
 temperature, top_p, top_k, min_p, repeat_penalty, frequency_penalty, presence_penalty, logit_bias, seed, stop,
 stream, stream_options, n, logprobs, for completions echo, best_of (= n) and several or token-id prompts, for
-chat top_logprobs and response_format (text, json_object, json_schema: constrained by a grammar); model and user
-are accepted and ignored, and any other field (tools, ...) is refused with a 400 that names it (README's table).
+chat top_logprobs, response_format (text, json_object, json_schema: constrained by a grammar), tools,
+tool_choice and parallel_tool_calls (tools.py: through the model's chat template); model and user are accepted
+and ignored, and any other field is refused with a 400 that names it (README's table).
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with status 400, 401, 404, 405, 413
 or 500.
 
@@ -59,12 +60,18 @@ from .httpio import _DISCONNECTS, MAX_BODY_BYTES, RequestError, RequestIO, _bad,
 from .options import (CHAT_TEMPERATURE, MAX_LOGPROBS, MAX_N, SAMPLING, add_model_flags, default_threads,
                       engine_kwargs, ignored_options)
 from .slots import SlotPool, open_sessions
+from . import tools
 
 __all__ = ["LMInfServer", "make_server", "add_parser", "cmd_serve", "MAX_BODY_BYTES", "MAX_BODIES_BYTES",
-           "MAX_TOKENS_LIMIT"]
+           "MAX_QUEUE", "MAX_TOKENS_LIMIT", "PARSED_BODY_COST"]
 
-# request bodies being read at once, all connections together: parallel large bodies must not add up unbounded
-MAX_BODIES_BYTES = 128 << 20
+# the server-wide memory budget of requests, all connections together: bodies being read (their bytes) and parsed
+# requests until they end, waiting for a slot or running (PARSED_BODY_COST times their body's bytes: a JSON list of
+# token ids takes 6.9x its text once parsed, text 2x; measured in docs/RELIABILITY.md). Past it: 503, Retry-After
+MAX_BODIES_BYTES = 1 << 30
+PARSED_BODY_COST = 8
+# requests waiting for a slot at once (lminf serve --max-queue); past it: 503, Retry-After
+MAX_QUEUE = 64
 # default cap of max_tokens per request (lminf serve --max-tokens-limit): one request holds the model meanwhile
 MAX_TOKENS_LIMIT = 4096
 
@@ -114,12 +121,12 @@ _COMMON_FIELDS = {"model", "user", "n", "stream", "stream_options", "stop", "see
                   "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
                   "frequency_penalty", "presence_penalty", "logit_bias", "logprobs"}
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
-CHAT_FIELDS = _COMMON_FIELDS | {"messages", "response_format", "top_logprobs"}
+CHAT_FIELDS = _COMMON_FIELDS | {"messages", "response_format", "top_logprobs", "tools", "tool_choice",
+                                 "parallel_tool_calls"}
 
 
 # why some fields OpenAI's reference has are refused (README: the table of fields)
-_REFUSED = {name: "tool calling is not supported" for name in
-            ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call")}
+_REFUSED = {name: "the legacy function calling: use tools" for name in ("functions", "function_call")}
 _REFUSED.update({name: "only text is supported" for name in ("audio", "modalities")})
 _REFUSED.update({name: "nothing is stored or tiered here" for name in
                  ("store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier")})
@@ -270,8 +277,16 @@ def parse_chat_request(body: dict, max_tokens_limit: int = MAX_TOKENS_LIMIT) -> 
         if not isinstance(role, str) or role not in _ROLES:
             raise _bad(f"messages[{i}].role must be one of {', '.join(_ROLES)}, not {json.dumps(role)[:40]}",
                        f"messages[{i}].role")
-        clean.append({"role": role, "content": _content(m, i)})
+        try:  # tool calls, tool_call_id, name, ...: every field the template can use, or a 400 naming it
+            clean.append({"role": role, "content": _content(m, i), **tools.message_fields(m, i)})
+        except tools.ToolInputError as e:
+            raise _bad(str(e), e.param) from None
     out = dict(messages=clean, **_sampling(body, None, CHAT_TEMPERATURE, max_tokens_limit))
+    try:  # checked here for a 400 naming the field; the template's own check comes with the request
+        tools.check_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+    except tools.ToolInputError as e:
+        raise _bad(str(e), e.param) from None
+    out.update({k: body[k] for k in ("tools", "tool_choice", "parallel_tool_calls") if body.get(k) is not None})
     logprobs = body.get("logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
         raise _bad("'logprobs' must be a boolean for chat", "logprobs")
@@ -298,17 +313,21 @@ class LMInfServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    parsed_body_cost = PARSED_BODY_COST
 
     def __init__(self, llm, host: str = "127.0.0.1", port: int = 8080, *, api_key: Optional[str] = None,
                  model_id: Optional[str] = None, log: bool = False, max_tokens_limit: int = MAX_TOKENS_LIMIT,
-                 cors_origins=()):
+                 cors_origins=(), memory_budget: Optional[int] = None, max_queue: int = MAX_QUEUE):
         # one session, or a SlotPool of several over one model (lminf serve --parallel N)
         self.pool = llm if isinstance(llm, SlotPool) else SlotPool([llm])
         self.llm = self.pool.sessions[0]
         self.cors_origins = frozenset(cors_origins or ())  # origins a browser may call from; "*": any
         self.max_tokens_limit = max_tokens_limit
         self._bodies_lock = threading.Lock()
-        self._bodies_bytes = 0  # request body bytes being read now, all connections together
+        self._bodies_bytes = 0  # budget in use: bodies being read, parsed requests held (see MAX_BODIES_BYTES)
+        self.memory_budget = memory_budget  # None: MAX_BODIES_BYTES, read when used
+        self.max_queue = max_queue
+        self._waiting = 0  # requests waiting for a slot now
         self.api_key = api_key or None
         path = getattr(self.llm, "model_path", None) or "lminf"
         self.model_id = model_id or os.path.basename(str(path))
@@ -321,11 +340,13 @@ class LMInfServer(ThreadingHTTPServer):
 
     @contextlib.contextmanager
     def body_budget(self, n: int):
-        """Reserve n bytes of the server-wide budget for request bodies being read (503 when it is spent)."""
+        """Reserve n bytes of the server-wide request memory budget while the block runs (503 when it is spent):
+        a body being read, or a parsed request until it ends (RequestIO holds both)."""
+        limit = MAX_BODIES_BYTES if self.memory_budget is None else self.memory_budget
         with self._bodies_lock:
-            if self._bodies_bytes + n > MAX_BODIES_BYTES:
-                raise RequestError(503, "the server is reading too many large request bodies; retry shortly",
-                                   code="busy", headers=[("Retry-After", "1")])
+            if self._bodies_bytes + n > limit:
+                raise RequestError(503, f"the server holds too many large requests (memory budget {limit >> 20} "
+                                   "MiB); retry shortly", code="busy", headers=[("Retry-After", "1")])
             self._bodies_bytes += n
         try:
             yield
@@ -347,23 +368,42 @@ class LMInfServer(ThreadingHTTPServer):
     def session(self, handler: "_Handler", score=None):
         """A free session for handler's request (503 when the server stops, _ClientGone when the client leaves
         while waiting)."""
+        with self._bodies_lock:
+            if self._waiting >= self.max_queue and self.pool.busy() == len(self.pool):
+                raise RequestError(503, f"{self._waiting} requests are waiting for a slot already (--max-queue); "
+                                   "retry shortly", code="busy", headers=[("Retry-After", "1")])
+            self._waiting += 1
+        waiting = True
+
+        def stop_waiting():
+            nonlocal waiting
+            if waiting:
+                waiting = False
+                with self._bodies_lock:
+                    self._waiting -= 1
         try:
             with self.pool.acquire(score, give_up=lambda: self.stopping.is_set() or handler._client_gone()) as llm:
+                stop_waiting()
                 yield llm
         except TimeoutError:
             if self.stopping.is_set() or self.pool.closed:
                 raise RequestError(503, "the server is shutting down", code="unavailable") from None
             raise _ClientGone() from None
+        finally:
+            stop_waiting()
 
 
 def make_server(llm, host: str = "127.0.0.1", port: int = 8080, *, api_key: Optional[str] = None,
                 model_id: Optional[str] = None, log: bool = False,
-                max_tokens_limit: int = MAX_TOKENS_LIMIT, cors_origins=()) -> LMInfServer:
+                max_tokens_limit: int = MAX_TOKENS_LIMIT, cors_origins=(), memory_budget: Optional[int] = None,
+                max_queue: int = MAX_QUEUE) -> LMInfServer:
     """A bound server (not yet serving: call serve_forever(), e.g. in a thread); port 0 picks a free port.
     cors_origins: the browser origins allowed to call it ("https://app.example", or "*" for any); none by default,
-    so that a web page cannot use a model served on the user's machine."""
+    so that a web page cannot use a model served on the user's machine. memory_budget (bytes; None:
+    MAX_BODIES_BYTES) and max_queue bound the requests held at once (503 with Retry-After past either)."""
     return LMInfServer(llm, host, port, api_key=api_key, model_id=model_id, log=log,
-                       max_tokens_limit=max_tokens_limit, cors_origins=cors_origins)
+                       max_tokens_limit=max_tokens_limit, cors_origins=cors_origins, memory_budget=memory_budget,
+                       max_queue=max_queue)
 
 
 class _Handler(RequestIO, BaseHTTPRequestHandler):
@@ -440,6 +480,11 @@ class _Handler(RequestIO, BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         self._streaming = False
+        # the parsed request's share of the memory budget is held until the request ends (RequestIO._read_body)
+        with contextlib.ExitStack() as self._held:
+            self._dispatch_held(method)
+
+    def _dispatch_held(self, method: str) -> None:
         route = self._route()
         if method == "OPTIONS":
             return self._preflight(route)
@@ -542,7 +587,8 @@ class _Handler(RequestIO, BaseHTTPRequestHandler):
     def _run(self, method: str, kwargs: dict) -> None:
         s = self.server
         # a chat goes to the slot that holds its conversation, if one does
-        score = _held_prefix_score(kwargs["messages"]) if method == "create_chat_completion" else None
+        score = _held_prefix_score(kwargs["messages"], kwargs.get("tools"), kwargs.get("tool_choice")) \
+            if method == "create_chat_completion" else None
         with s.session(self, score) as llm:
             if s.stopping.is_set():
                 raise RequestError(503, "the server is shutting down", code="unavailable")
@@ -606,12 +652,14 @@ class _Handler(RequestIO, BaseHTTPRequestHandler):
         self.wfile.write(b"data: [DONE]\n\n")
 
 
-def _held_prefix_score(messages):
+def _held_prefix_score(messages, tools=None, tool_choice=None):
     rendered = {}  # the slots share one model and template: the conversation is rendered once per request
 
     def score(llm):
         held = getattr(llm, "held_prefix", None)
-        return held(messages, rendered) if held else 0
+        if not held:
+            return 0
+        return held(messages, rendered, tools, tool_choice) if tools else held(messages, rendered)
     return score
 
 
@@ -668,6 +716,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--parallel", "-np", type=int, default=1, metavar="N",
                    help="slots: N conversations served at once, each with its own bounded cache, on one copy of the "
                         "weights (default 1); --threads is then per slot (default: the default divided among them)")
+    p.add_argument("--memory-budget-mb", type=int, default=MAX_BODIES_BYTES >> 20, metavar="MB",
+                   help=f"memory for requests held at once: bodies being read and parsed requests waiting or "
+                        f"running, counted at {PARSED_BODY_COST}x their body size (default {MAX_BODIES_BYTES >> 20}); "
+                        "503 with Retry-After past it")
+    p.add_argument("--max-queue", type=int, default=MAX_QUEUE, metavar="N",
+                   help=f"requests that may wait for a busy slot at once (default {MAX_QUEUE}); 503 past it")
     p.add_argument("--max-tokens-limit", type=int, default=MAX_TOKENS_LIMIT,
                    help=f"largest max_tokens a request may ask for (default {MAX_TOKENS_LIMIT}; a request holds the "
                         "model while it generates)")
@@ -686,6 +740,8 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--max-tokens-limit must be >= 1, not {args.max_tokens_limit}")
     if args.parallel < 1:
         raise ValueError(f"--parallel must be >= 1, not {args.parallel}")
+    if args.memory_budget_mb < 1 or args.max_queue < 0:
+        raise ValueError("--memory-budget-mb must be >= 1 and --max-queue >= 0")
     kwargs = engine_kwargs(args)
     if args.parallel == 1:
         llm = target = LMInfinite(args.model, **kwargs)
@@ -697,7 +753,8 @@ def cmd_serve(args) -> int:
     try:
         server = make_server(target, args.host, args.port, api_key=args.api_key, model_id=args.alias,
                              log=not args.quiet, max_tokens_limit=args.max_tokens_limit,
-                             cors_origins=args.cors_origin)
+                             cors_origins=args.cors_origin, memory_budget=args.memory_budget_mb << 20,
+                             max_queue=args.max_queue)
     except OSError:
         target.close() if isinstance(target, SlotPool) else llm.close()
         raise

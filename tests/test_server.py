@@ -624,6 +624,71 @@ def test_fake_bodies_being_read_share_one_budget(fake, monkeypatch):
     assert srv.json("POST", "/v1/completions", {"prompt": "a", "max_tokens": 2})[0] == 200
 
 
+def _hold_the_slot(srv, llm, seconds):
+    """A request that keeps the only slot busy for about `seconds` (a thread); returns the thread."""
+    llm.delay = seconds / 20
+    t = threading.Thread(target=srv.json, args=("POST", "/v1/completions", {"prompt": "a", "max_tokens": 20}))
+    t.start()
+    deadline = time.time() + 10
+    while not llm.calls and time.time() < deadline:
+        time.sleep(0.01)
+    return t
+
+
+def test_fake_waiting_requests_hold_their_share_of_the_memory_budget():
+    """Parsed requests waiting for a busy slot count against the budget until they end (they used to count only
+    while their body was read: 40 waiting 16 MiB prompts could exhaust the host): past it, 503 + Retry-After."""
+    llm = FakeLLM()
+    body = {"prompt": list(range(50000)), "max_tokens": 1}          # ~330 kB of JSON, 8x that once parsed
+    size = len(json.dumps(body))
+    srv = Running(llm, memory_budget=size * 8 * 3 + size)          # room for three waiting requests
+    try:
+        holder = _hold_the_slot(srv, llm, 3.0)
+        got = []
+        threads = [threading.Thread(target=lambda: got.append(srv.request("POST", "/v1/completions", body)))
+                   for _ in range(6)]
+        for t in threads:
+            t.start()
+            time.sleep(0.1)
+        for t in threads:
+            t.join(60)
+        holder.join(60)
+        statuses = sorted(status for status, _, _ in got)
+        assert statuses == [200] * 3 + [503] * 3, statuses
+        refused = [text for status, _, text in got if status == 503]
+        assert all(json.loads(t)["error"]["code"] == "busy" and "memory budget" in t for t in refused)
+        deadline = time.time() + 10   # a handler gives its reservation back just after its answer is sent
+        while srv.server._bodies_bytes and time.time() < deadline:
+            time.sleep(0.01)
+        assert srv.server._bodies_bytes == 0      # every reservation was given back
+        assert srv.json("POST", "/v1/completions", {"prompt": "a", "max_tokens": 2})[0] == 200
+    finally:
+        srv.stop()
+
+
+def test_fake_queue_length_is_bounded():
+    llm = FakeLLM()
+    srv = Running(llm, max_queue=2)
+    try:
+        holder = _hold_the_slot(srv, llm, 2.0)
+        got = []
+        threads = [threading.Thread(target=lambda: got.append(srv.request(
+            "POST", "/v1/completions", {"prompt": "a", "max_tokens": 1}, headers={}))) for _ in range(4)]
+        for t in threads:
+            t.start()
+            time.sleep(0.1)
+        for t in threads:
+            t.join(60)
+        holder.join(60)
+        assert sorted(status for status, _, _ in got) == [200, 200, 503, 503]
+        deadline = time.time() + 10
+        while srv.server._waiting and time.time() < deadline:
+            time.sleep(0.01)
+        assert srv.server._waiting == 0
+    finally:
+        srv.stop()
+
+
 @needs_model
 def test_real_openai_fields_work(real):
     """max_completion_tokens, logit_bias, presence/frequency penalties and response_format json_object /
