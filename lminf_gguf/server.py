@@ -10,6 +10,7 @@ Endpoints
   GET  /v1/models            the one model served; GET /v1/models/{id} that model (404 for any other id)
   POST /tokenize             {"content": "...", "add_special": false} -> {"tokens": [...]}
   POST /detokenize           {"tokens": [...]} -> {"content": "..."}
+  POST /v1/embeddings        {"input": "..." | [...], "encoding_format": "float" | "base64"} (embeddings.py)
   GET  /health               {"status": "ok", "slots_idle": n, "slots_processing": m}
 The same paths without the /v1 prefix are accepted too. "stream": true answers with Server-Sent Events,
 `data: {chunk}` per piece and `data: [DONE]` at the end. Request fields: max_tokens (or max_completion_tokens),
@@ -60,7 +61,7 @@ from .httpio import _DISCONNECTS, MAX_BODY_BYTES, RequestError, RequestIO, _bad,
 from .options import (CHAT_TEMPERATURE, MAX_LOGPROBS, MAX_N, SAMPLING, add_model_flags, default_threads,
                       engine_kwargs, ignored_options)
 from .slots import SlotPool, open_sessions
-from . import tools
+from . import embeddings, tools
 
 __all__ = ["LMInfServer", "make_server", "add_parser", "cmd_serve", "MAX_BODY_BYTES", "MAX_BODIES_BYTES",
            "MAX_QUEUE", "MAX_TOKENS_LIMIT", "PARSED_BODY_COST"]
@@ -476,7 +477,7 @@ class _Handler(RequestIO, BaseHTTPRequestHandler):
 
     _GET = {"/models": "_models", "/health": "_health"}
     _POST = {"/completions": "_completions", "/chat/completions": "_chat", "/tokenize": "_tokenize",
-             "/detokenize": "_detokenize"}
+             "/detokenize": "_detokenize", "/embeddings": "_embeddings"}
 
     def _dispatch(self, method: str) -> None:
         self._streaming = False
@@ -575,6 +576,19 @@ class _Handler(RequestIO, BaseHTTPRequestHandler):
         with self.server.session(self) as llm, _engine_errors():
             text = llm.detokenize(tokens)
         self._send_json(200, {"content": text})
+
+    def _embeddings(self) -> None:
+        """OpenAI's /v1/embeddings (embeddings.py)."""
+        kwargs = embeddings.parse_request(self._read_body())
+
+        def check(done, index):  # after each batch: a shutdown, or a client that left, stops the embedding
+            if self.server.stopping.is_set():
+                raise RequestError(503, "the server is shutting down", code="unavailable")
+            if self._client_gone():
+                raise _ClientGone()
+        with self.server.session(self) as llm, _engine_errors():
+            result = llm.create_embedding(**kwargs, progress=check)
+        self._send_json(200, self._named(result))
 
     def _completions(self) -> None:
         kwargs = parse_completion_request(self._read_body(), self.server.max_tokens_limit)

@@ -105,6 +105,7 @@ def open_sessions(model_path, parallel: int, **kwargs) -> SlotPool:
     if not isinstance(parallel, int) or parallel < 1:
         raise ValueError(f"parallel must be an integer >= 1, not {parallel!r}")
     model = Model(model_path, n_gpu_layers=kwargs.pop("n_gpu_layers", 0), rpc_servers=kwargs.pop("rpc_servers", None),
+                  rpc_timeout=kwargs.pop("rpc_timeout", None),
                   verbose=kwargs.get("verbose", False))
     sessions = []
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -293,12 +294,213 @@ def test_bad_rpc_servers_are_clear_errors_not_aborts(tiny_model, servers, messag
     assert res.stdout.startswith("refused:") and message in res.stdout, res.stdout
 
 
+# endpoints that passed the old check (str.isdigit, int) or that ctypes cuts, and llama.cpp then aborted on
+# ("Failed to parse endpoint", "Failed to connect"), or that its parser reads differently from Python
+HOSTILE_ENDPOINTS = [
+    "127.0.0.1:\uff15\uff10\uff11\uff11\uff11",   # full-width digits: isdigit() and int() take them
+    "127.0.0.1:\u0665\u0660\u0660\u0665\u0662",   # Arabic-Indic digits
+    "127.0.0.1:50052\x00", "127.0.0.1\x00:50052", "loc\x00alhost:50052",   # ctypes cuts at the NUL
+    "127.0.0.1:+50052", "127.0.0.1: 50052", "127.0.0.1:50052abc", "127.0.0.1:-1", "127.0.0.1:1_000",
+    "127.0.0.1:99999999999", "127.0.0.1:" + "9" * 5000,   # int() of 5000 digits raises ValueError itself
+    "127.0.0.1 :50052", "127.0.0.1\t:50052", "127.0.0.1\r:50052", "127.0.0.1\x1b:50052", "h\u00e9llo:50052",
+    "a b:50052", "[::1]:50052", "[::1]", "::1:50052", "x" * 300 + ":50052",
+    "a" * 64 + ":50052", "a..b:50052",   # the IDNA codec refuses these labels (UnicodeError) when resolving
+    "nonexistent.invalid:50052",
+]
+
+
 def test_rpc_server_list_parsing():
     assert rpc.parse_servers("a:1, b:2") == ["a:1", "b:2"]
+    assert rpc.parse_endpoint("my-host_1.lan:00080") == ("my-host_1.lan", 80)
     # IPv6 literals: llama.cpp's endpoint parser splits at the first ':' and aborts on them
-    for bad in ("", "a", "a:b", "a:70000", ",".join(f"h:{i + 1}" for i in range(17)), "[::1]:50052", "::1:50052"):
+    for bad in ("", "a", "a:b", "a:70000", ",".join(f"h:{i + 1}" for i in range(17)), "[::1]:50052", "::1:50052",
+                [b"a:1"], [None]):
         with pytest.raises(InvalidInputError):
             rpc.parse_servers(bad)
+    # the resolvable-looking ones are refused when checked (check_server), the others when parsed
+    for bad in HOSTILE_ENDPOINTS[:-3]:
+        with pytest.raises(InvalidInputError):
+            rpc.parse_servers(bad)
+        with pytest.raises(InvalidInputError):
+            rpc.parse_servers([bad])
+
+
+@needs_rpc
+def test_hostile_endpoints_are_refused_not_aborts(tiny_model):
+    """Each endpoint above given to a session in a child process: InvalidInputError, and the child lives (an abort in
+    llama.cpp's parser or connect would kill it: the last line printed names the endpoint)."""
+    path, _ = tiny_model("f32-gqa2")
+    res = _child(f"""
+        import lminf_gguf
+        for endpoint in {HOSTILE_ENDPOINTS!r}:
+            print("trying", ascii(endpoint)[:60], flush=True)
+            try:
+                lminf_gguf.LMInfinite({path!r}, rpc_servers=endpoint, n_threads=1)
+                print("accepted", flush=True)
+            except lminf_gguf.InvalidInputError as e:
+                print("refused", flush=True)
+        print("alive")
+        """, timeout=120)
+    assert res.returncode == 0, (res.stdout[-500:], res.stderr[-2000:])
+    lines = res.stdout.split()
+    assert lines.count("refused") == len(HOSTILE_ENDPOINTS) and "accepted" not in lines, res.stdout
+    assert lines[-1] == "alive"
+
+
+def _stop(proc) -> None:
+    os.kill(proc.pid, signal.SIGSTOP)
+
+
+def _end(proc) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+    proc.wait(10)
+
+
+@needs_rpc
+@pytest.mark.parametrize("call", ["feed", "one decode"])
+def test_a_stopped_server_fails_the_call_after_the_timeout(tiny_model, call):
+    """A server that stops answering without closing its connection (SIGSTOP: its kernel still acknowledges data
+    and answers keep-alive probes, so 0021's keep-alive settings do not see it) held the caller inside llama_decode
+    forever. Patch 0025 gives every wait for a server a deadline: with a 3 s timeout the call raises
+    RemoteServerError after about 3 s, later calls at once, and the session and model close without waiting.
+    "one decode": a call of a single llama_decode, whose wait for the server is in the output read that follows
+    it (llama_decode returns before the backends finish): the session must synchronise before it asks whether a
+    server failed, or the zeros of the failed read come back as that call's logits, without an error."""
+    path, _ = tiny_model("f32-gqa2")
+    # n_local 256: no window move (K-shift) at the start of the decode, so the first wait is for its output
+    run = "llm.feed(toks[100:])" if call == "feed" else "[r.copy() for r in llm.eval(toks[100:116])]"
+    procs = []
+    child = None
+    try:
+        endpoint = _start_server(procs)
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            import lminf_gguf
+            from lminf_gguf import rpc
+            from conftest import random_tokens
+            toks = [int(t) for t in random_tokens(400, seed=7)]
+            rpc.set_timeout(3)
+            model = lminf_gguf.Model({path!r}, rpc_servers={endpoint!r})
+            llm = lminf_gguf.LMInfinite(model, n_global=4, n_local=256, n_batch=16, n_threads=1)
+            llm.feed(toks[:100])
+            print("ready", flush=True)
+            sys.stdin.readline()                     # the parent has stopped the server
+            for attempt in ("this call", "the next call"):
+                t = time.time()
+                try:
+                    {run}
+                    print("no error", attempt, flush=True)
+                except lminf_gguf.RemoteServerError:
+                    print("RemoteServerError", attempt, round(time.time() - t, 1), flush=True)
+            print(lminf_gguf._lib.last_errors(), file=sys.stderr)   # the RPC client's log (its own thread)
+            t = time.time()
+            llm.close()
+            model.close()
+            print("closed", round(time.time() - t, 1), flush=True)
+            """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+        assert child.stdout.readline().strip() == "ready", child.stderr.read()[-2000:]
+        _stop(procs[0])
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err[-2000:]
+        lines = [line.split() for line in out.strip().splitlines()]
+        assert [line[:-1] for line in lines] == [["RemoteServerError", "this", "call"],
+                                                 ["RemoteServerError", "the", "next", "call"], ["closed"]], out
+        assert 2.5 <= float(lines[0][-1]) < 20, out
+        assert float(lines[1][-1]) < 1 and float(lines[2][-1]) < 5, out
+        assert "did not answer for" in err, err[-2000:]
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait(10)
+        for p in procs:
+            _end(p)
+
+
+@needs_rpc
+def test_cancel_cuts_a_stalled_wait_short_and_only_a_stalled_one(tiny_model):
+    """cancel() during a call that waits for a stopped server: the wait ends (RemoteServerError) once it has lasted
+    CANCEL_WAIT_S, not after the timeout (300 s here). Before that, the same session is cancelled again and again
+    while the server answers: nothing is cut (the wait bound of a cancel lasts only while its decode runs), and the
+    stalled call is still waiting 8 s later, until the cancel. Through the session's cancel() where the engine
+    wraps its decodes in rpc.DecodeCancel, else through a DecodeCancel around the call."""
+    path, _ = tiny_model("f32-gqa2")
+    procs = []
+    child = None
+    try:
+        endpoint = _start_server(procs)
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import sys, threading, time
+            import lminf_gguf
+            from lminf_gguf import rpc
+            from conftest import random_tokens
+            toks = [int(t) for t in random_tokens(800, seed=8)]
+            rpc.set_timeout(300)
+            model = lminf_gguf.Model({path!r}, rpc_servers={endpoint!r})
+            llm = lminf_gguf.LMInfinite(model, n_global=4, n_local=32, n_batch=16, n_threads=1)
+            hooked = getattr(llm, "_rpc_cancel", None) is not None
+            guard = rpc.DecodeCancel(model.rpc_servers)
+            cancel = llm.cancel if hooked else guard.cancel
+            def call(tokens):
+                if hooked:
+                    return llm.feed(tokens)
+                with guard.decoding():
+                    return llm.feed(tokens)
+            def run(tokens, out):
+                t = time.time()
+                try:
+                    call(tokens)
+                    out.append("done")
+                except lminf_gguf.Cancelled:
+                    out.append("Cancelled")
+                except lminf_gguf.RemoteServerError:
+                    out.append("RemoteServerError")
+                out.append(time.time() - t)
+            # 1. a healthy server, cancelled every 10 ms: nothing is cut
+            out = []
+            th = threading.Thread(target=run, args=(toks[:400], out), daemon=True)
+            th.start()
+            while th.is_alive():
+                cancel()
+                time.sleep(0.01)
+            print("healthy", out[0], flush=True)
+            llm.feed(toks[400:500])
+            print("after", rpc.failed_servers(model.rpc_servers), flush=True)
+            sys.stdin.readline()                     # the parent has stopped the server
+            # 2. a stopped server: still waiting after 8 s (no cancel pending), then cancelled
+            out = []
+            th = threading.Thread(target=run, args=(toks[500:], out), daemon=True)
+            th.start()
+            th.join(8)
+            print("waiting", th.is_alive(), flush=True)
+            t = time.time()
+            cancel()
+            th.join(60)
+            print(lminf_gguf._lib.last_errors(), file=sys.stderr)
+            print("cancelled", out[0] if out else "still-waiting", round(time.time() - t, 1),
+                  "hooked" if hooked else "guard", flush=True)
+            """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+        assert child.stdout.readline().split()[0] == "healthy", child.stderr.read()[-2000:]
+        assert child.stdout.readline().strip() == "after []"
+        _stop(procs[0])
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err[-2000:]
+        lines = out.strip().splitlines()
+        assert lines[0] == "waiting True", out
+        verdict = lines[1].split()
+        assert verdict[:2] == ["cancelled", "RemoteServerError"] and float(verdict[2]) < 3, out
+        assert "gave up waiting" in err, err[-2000:]
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait(10)
+        for p in procs:
+            _end(p)
 
 
 @needs_rpc

@@ -96,7 +96,7 @@ def test_a_continuation_scores_its_own_slot_and_renders_once(monkeypatch):
         follow = first + [reply["choices"][0]["message"], {"role": "user", "content": "And another."}]
         calls = []
         render = responses.render_chat
-        monkeypatch.setattr(responses, "render_chat", lambda llm, m: calls.append(1) or render(llm, m))
+        monkeypatch.setattr(responses, "render_chat", lambda *args: calls.append(1) or render(*args))
         score = server._held_prefix_score(follow)
         scores = [score(s) for s in pool.sessions]
         assert scores[1] > 0 and scores[0] == scores[2] == 0, scores
