@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from . import _lib
 from ._lib import llama_raw
 from .context import in_use
 from .errors import StateError
@@ -22,11 +23,16 @@ from .files import temp_next_to
 from .options import MODES
 
 STATE_MAGIC = b"LMINFST\x00"
-STATE_VERSION = 3  # 2: the model identity hashes the whole file; 3: the chat text's token ids (prefix reuse)
-_VERSIONS = {2: 3, 3: 4}  # version: sections after the header (2: logits, text, sequence; 3: + token ids)
+STATE_VERSION = 4  # 2: the model identity hashes the whole file; 3: the chat text's token ids (prefix reuse);
+# 4: the top-k store (lminf-topk sessions; empty otherwise)
+_VERSIONS = {2: 3, 3: 4, 4: 5}  # version: sections after the header (2: logits, text, sequence; 3: + token ids;
+# 4: + store)
+_STORE_HEADER = struct.Struct("<6q")  # the store state's header (patch 0026): rows, row offset, type, first layer,
+# layers, row bytes
 
 # a state file is read whole: anything larger than this is not one of ours (a bounded cache of a large model and
-# its logits stay far below)
+# its logits stay far below; a top-k session's store grows with its stream: about 800K tokens of SmolLM2-135M at
+# f16 fit)
 MAX_STATE_BYTES = 16 << 30
 
 _ids: dict = {}  # (path, size, mtime_ns) -> identity: each model file is hashed once per process
@@ -65,8 +71,57 @@ def _read_state_file(path: str) -> bytes:
 
 
 def settings(llm) -> dict:
-    return {"mode": llm.mode, "n_global": llm.n_global, "n_local": llm.n_local,
-            "dist_max": llm.dist_max, "type_k": llm.type_k, "type_v": llm.type_v, "n_vocab": llm.n_vocab}
+    out = {"mode": llm.mode, "n_global": llm.n_global, "n_local": llm.n_local,
+           "dist_max": llm.dist_max, "type_k": llm.type_k, "type_v": llm.type_v, "n_vocab": llm.n_vocab}
+    if MODES[llm.mode].topk:
+        out.update(topk=llm.topk, topk_layer=llm.topk_layer, topk_dist=llm.topk_dist, store_type=llm.store_type)
+    return out
+
+
+def _store_fns(llm):
+    """The store-state functions (patch 0026), or StateError for a library without them; None outside lminf-topk."""
+    if not MODES[llm.mode].topk:
+        return None
+    if _lib.llama_lminf_topk_state_set is None:
+        raise StateError("this lminf_gguf's library cannot save the top-k store (built before patch 0026): "
+                         "reinstall it")
+    return _lib
+
+
+def _store_state(llm) -> bytes:
+    """The top-k store's rows and bookkeeping (b"" outside lminf-topk): a copy, n_rows * row_bytes + 48 bytes."""
+    lib = _store_fns(llm)
+    if lib is None:
+        return b""
+    size = lib.llama_lminf_topk_state_size(llm.ctx)
+    buf = ctypes.create_string_buffer(size)
+    if lib.llama_lminf_topk_state_get(llm.ctx, buf, size) != size:
+        raise RuntimeError("llama.cpp could not serialise the top-k store")
+    return buf.raw
+
+
+def _set_store(llm, store: bytes) -> bool:
+    """Put a store state (from _store_state, or a checked file) into the session's store."""
+    return not store or bool(_lib.llama_lminf_topk_state_set(llm.ctx, store, len(store)))
+
+
+def _check_store(llm, store: bytes) -> Optional[str]:
+    """Why a file's store section cannot go into this session (None: it can; its segments are then allocated)."""
+    if not MODES[llm.mode].topk:
+        return "a top-k store in a session without one" if store else None
+    if len(store) < _STORE_HEADER.size:
+        return "no top-k store in the file" if not store else "a truncated top-k store"
+    rows, offset, _, layer_first, n_layer, row_bytes = _STORE_HEADER.unpack_from(store)
+    mine = _lib.llama_lminf_topk_row_bytes(llm.ctx)
+    if layer_first != llm.topk_layer or n_layer != llm.model.n_layer or row_bytes != mine:
+        return (f"a top-k store of layers {layer_first}..{n_layer - 1} with {row_bytes} bytes a row (session: "
+                f"layers {llm.topk_layer}..{llm.model.n_layer - 1}, {mine} bytes)")
+    if rows < 0 or offset < 0 or len(store) != _STORE_HEADER.size + rows * row_bytes:
+        return "a malformed top-k store (rows or size)"
+    if _lib.llama_lminf_topk_state_check(llm.ctx, store, len(store)) != rows:
+        return "a top-k store this session's store cannot take (" + \
+               "; ".join(_lib.last_errors()[-1:]) + ")"
+    return None
 
 
 def save_state(llm, path: Union[str, os.PathLike], extra: Optional[dict] = None) -> int:
@@ -78,14 +133,15 @@ def save_state(llm, path: Union[str, os.PathLike], extra: Optional[dict] = None)
     the file continue identically.
 
     Format: STATE_MAGIC, u32 version, u32 header length, JSON header (model path and id, mode, G, L, C,
-    KV types, positions, n_seen, ...), then the last logits row, the tracked text and llama.cpp's
-    llama_state_seq_get_data() blob (each preceded by its u64 length), then a sha256 of all that.
+    KV types, positions, n_seen, ...), then the last logits row, the tracked text, its token ids, llama.cpp's
+    llama_state_seq_get_data() blob and the top-k store (lminf-topk: every token's key and value in the top-k
+    layers, n_seen * topk_store_bytes_per_token() bytes, copied; empty otherwise), each preceded by its u64
+    length, then a sha256 of all that.
     """
-    if MODES[llm.mode].topk:
-        raise StateError("save_state is not supported in lminf-topk mode: the middle-token store is not saved")
     if os.path.isdir(path):
         raise StateError(f"{os.fspath(path)} is a directory")
     llm.model.check_servers()
+    store = _store_state(llm)  # before the re-layout below, which truncates the store
     size = llama_raw.llama_state_seq_get_size(llm.ctx, 0)
     blob = (ctypes.c_uint8 * max(size, 1))()
     n = llama_raw.llama_state_seq_get_data(llm.ctx, blob, size, 0)
@@ -95,7 +151,7 @@ def save_state(llm, path: Union[str, os.PathLike], extra: Optional[dict] = None)
     # lay the live cache out as load_state will (the cells compacted in order): attention sums run over the
     # cells in cache order, and with quantised weights rounding differences grow, so without this a session
     # continued after save_state could drift from one restored from the file
-    if n and llama_raw.llama_state_seq_set_data(llm.ctx, blob, n, 0) == 0:
+    if n and (llama_raw.llama_state_seq_set_data(llm.ctx, blob, n, 0) == 0 or not _set_store(llm, store)):
         llm.reset()
         raise RuntimeError("llama.cpp could not re-read the sequence it saved; the session was reset")
     c = llm._cache
@@ -109,7 +165,8 @@ def save_state(llm, path: Union[str, os.PathLike], extra: Optional[dict] = None)
     ids = np.asarray(llm._tokens if llm._text is not None else [], dtype="<i4").tobytes()
     body = b"".join([STATE_MAGIC, struct.pack("<II", STATE_VERSION, len(hjson)), hjson,
                      struct.pack("<Q", len(logits)), logits, struct.pack("<Q", len(text)), text,
-                     struct.pack("<Q", len(ids)), ids, struct.pack("<Q", n), ctypes.string_at(blob, n)])
+                     struct.pack("<Q", len(ids)), ids, struct.pack("<Q", n), ctypes.string_at(blob, n),
+                     struct.pack("<Q", len(store)), store])
     digest = hashlib.sha256(body).digest()
     # a temporary file next to the target, renamed over it when complete, removed on every failure
     target = os.path.abspath(os.fspath(path))
@@ -160,7 +217,8 @@ def load_state(llm, path: Union[str, os.PathLike]) -> dict:
             raise ValueError("trailing bytes")
     except (ValueError, struct.error, RecursionError, OverflowError) as e:
         raise StateError(f"{path}: malformed state file ({e})") from None
-    logits, text, ids, blob = parts if len(parts) == 4 else (parts[0], parts[1], None, parts[2])
+    parts += [b""] * (5 - len(parts))  # older versions: no store; version 2: no token ids either
+    logits, text, ids, blob, store = parts if version > 2 else (parts[0], parts[1], None, parts[2], b"")
     if ids is not None and len(ids) % 4:
         raise StateError(f"{path}: malformed state file (token ids)")
     tokens = None if ids is None else np.frombuffer(ids, dtype="<i4").tolist()
@@ -188,14 +246,21 @@ def load_state(llm, path: Union[str, os.PathLike]) -> dict:
     if not isinstance(header.get("extra", {}), dict):
         raise StateError(f"{path}: malformed state file (extra is not an object)")
 
-    # the session is touched only if the whole file is accepted: its own sequence is kept to be put back
+    why = _check_store(llm, store)
+    if why:
+        raise StateError(f"{path} holds {why}")
+
+    # the session is touched only if the whole file is accepted: its own sequence (and store) is kept to be put back
     llm.model.check_servers()
     backup = _sequence(llm)
     try:
         _restore(llm, blob, pos)
+        if not _set_store(llm, store):  # checked above, so this does not fail but for a bug: still, put it back
+            raise StateError("llama.cpp refused the saved top-k store")
     except StateError as e:
         _restore(llm, backup[0])
-        c.pos, c.n_seen, c.n_rebase, llm._last, llm._text, llm._tokens = backup[1:]
+        _set_store(llm, backup[-1])
+        c.pos, c.n_seen, c.n_rebase, llm._last, llm._text, llm._tokens = backup[1:-1]
         raise StateError(f"{path}: {e}; the session is as it was") from None
     llm.model.check_servers()
     c.pos, c.n_seen, c.n_rebase = pos, n_seen, n_rebase
@@ -207,12 +272,14 @@ def load_state(llm, path: Union[str, os.PathLike]) -> dict:
 
 
 def _sequence(llm) -> tuple:
-    """The live sequence: (llama.cpp's blob, pos, n_seen, n_rebase, last logits, text, its token ids)."""
+    """The live sequence: (llama.cpp's blob, pos, n_seen, n_rebase, last logits, text, its token ids, the top-k
+    store's state)."""
     size = llama_raw.llama_state_seq_get_size(llm.ctx, 0)
     buf = (ctypes.c_uint8 * max(size, 1))()
     n = llama_raw.llama_state_seq_get_data(llm.ctx, buf, size, 0)
     c = llm._cache
-    return ctypes.string_at(buf, n), c.pos, c.n_seen, c.n_rebase, llm._last, llm._text, llm._tokens
+    return (ctypes.string_at(buf, n), c.pos, c.n_seen, c.n_rebase, llm._last, llm._text, llm._tokens,
+            _store_state(llm))
 
 
 def _restore(llm, blob: bytes, pos: Optional[int] = None) -> None:

@@ -39,6 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 MAGIC = b"LMINFST\x00"
 FAILURES = ("refused-changed", "error", "crash", "hang")
 SESSION = dict(mode="lminf", n_global=4, n_local=16, n_batch=7, type_k="f32", type_v="f32", n_threads=1)
+# --topk: an lminf-topk session, whose files also hold the middle-token store (mutated as often as the cache)
+TOPK_SESSION = dict(SESSION, mode="lminf-topk", topk=3, topk_layer=1, topk_dist=8, store_type="f32")
+
+
+def session_args(topk: bool) -> dict:
+    return TOPK_SESSION if topk else SESSION
 
 # -- files -------------------------------------------------------------------------------------------------------
 
@@ -48,7 +54,7 @@ def _split(data: bytes):
     off = len(MAGIC) + 8
     header = json.loads(data[off:off + hlen])
     parts, pos = [], off + hlen
-    for _ in range({2: 3}.get(version, 4)):   # sections: logits, text, (3: token ids,) sequence
+    for _ in range({2: 3, 3: 4}.get(version, 5)):   # sections: logits, text, (3: token ids,) sequence, (4: store)
         (n,) = struct.unpack_from("<Q", data, pos)
         parts.append(data[pos + 8:pos + 8 + n])
         pos += 8 + n
@@ -89,12 +95,16 @@ def mutate(base: bytes, rng: random.Random) -> tuple[str, bytes]:
         return f"deep {depth}", _join(version, None, parts, header_bytes=b"[" * depth + b"]" * depth,
                                       checksum=checksum)
     if kind == "blob":
-        blob = bytearray(parts[-1])
+        # llama.cpp's sequence, or the top-k store where there is one (version 4: the last two sections)
+        which = len(parts) - 1 if len(parts) == 5 and parts[-1] and rng.random() < 0.5 else min(3, len(parts) - 1)
+        blob = bytearray(parts[which])
         for _ in range(rng.choice([1, 1, 2, 4, 8])):
             if blob:
                 at = rng.randrange(min(len(blob), rng.choice([16, 64, 256, len(blob)])))
                 blob[at] = rng.randrange(256) if rng.random() < 0.5 else blob[at] ^ (1 << rng.randrange(8))
-        return "blob flip", _join(version, header, [*parts[:-1], bytes(blob)], checksum=checksum)
+        new = list(parts)
+        new[which] = bytes(blob)
+        return "store flip" if which == 4 else "blob flip", _join(version, header, new, checksum=checksum)
     if kind == "parts":
         i = rng.randrange(len(parts))
         p = bytearray(parts[i])
@@ -118,7 +128,7 @@ def mutate(base: bytes, rng: random.Random) -> tuple[str, bytes]:
     return "truncate", data[:rng.randrange(len(data))]
 
 
-def make_cases(root: str, n: int, seed: int = 0):
+def make_cases(root: str, n: int, seed: int = 0, topk: bool = False):
     """The tiny model, the base state file and n mutated files; return (model path, [(path, description)])."""
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_models import write_tiny_llama
@@ -127,7 +137,7 @@ def make_cases(root: str, n: int, seed: int = 0):
 
     os.makedirs(root, exist_ok=True)
     model = write_tiny_llama(os.path.join(root, "model.gguf"), seed=seed + 1, dtype="f32", n_head=4, n_head_kv=2)
-    llm = lminf_gguf.LMInfinite(model, **SESSION)
+    llm = lminf_gguf.LMInfinite(model, **session_args(topk))
     rng = random.Random(seed)
     llm.feed([4 + rng.randrange(90) for _ in range(60)])
     base_path = os.path.join(root, "base.lminf")
@@ -147,12 +157,12 @@ def make_cases(root: str, n: int, seed: int = 0):
 # -- children ----------------------------------------------------------------------------------------------------
 
 
-def _child(model: str, list_file: str, timeout: int) -> None:
+def _child(model: str, list_file: str, timeout: int, topk: bool) -> None:
     import numpy as np
 
     import lminf_gguf
 
-    llm = lminf_gguf.LMInfinite(model, **SESSION)
+    llm = lminf_gguf.LMInfinite(model, **session_args(topk))
     own = [5 + (i * 7) % 80 for i in range(45)]
 
     def probe():
@@ -184,12 +194,13 @@ def _child(model: str, list_file: str, timeout: int) -> None:
         print("@@" + json.dumps(res), flush=True)
 
 
-def run_files(model: str, paths, *, timeout: int = 20, log=None):
+def run_files(model: str, paths, *, timeout: int = 20, log=None, topk: bool = False):
     """Load every path in children (fuzz_gguf.py's runner); one result dict per path."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import fuzz_gguf
 
-    return fuzz_gguf.run_files(paths, timeout=timeout, log=log, script=__file__, extra=["--model", model])
+    return fuzz_gguf.run_files(paths, timeout=timeout, log=log, script=__file__,
+                               extra=["--model", model] + (["--topk"] if topk else []))
 
 
 def main(argv=None) -> int:
@@ -200,14 +211,15 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write every file's outcome here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--topk", action="store_true", help="an lminf-topk session (the files hold its store)")
     args = ap.parse_args(argv)
     if args.child:
-        _child(args.model, args.child, args.timeout)
+        _child(args.model, args.child, args.timeout, args.topk)
         return 0
     with tempfile.TemporaryDirectory(prefix="fuzz_state_") as root:
-        model, cases = make_cases(root, args.n, seed=args.seed)
+        model, cases = make_cases(root, args.n, seed=args.seed, topk=args.topk)
         results = run_files(model, [p for p, _ in cases], timeout=args.timeout,
-                            log=lambda s: print(s, file=sys.stderr))
+                            log=lambda s: print(s, file=sys.stderr), topk=args.topk)
     counts = Counter(r["outcome"] for r in results)
     print(f"{len(cases)} files: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     bad = [(name, r) for (_, name), r in zip(cases, results) if r["outcome"] in FAILURES]

@@ -178,9 +178,11 @@ def test_the_model_identity_covers_the_weights(tmp_path):
     llm3.load_state(state)
 
 
-def test_fuzzed_state_files_slice(tmp_path):
+@pytest.mark.parametrize("topk,n", [(False, 250), (True, 120)])
+def test_fuzzed_state_files_slice(tmp_path, topk, n):
     """A seeded slice of scripts/fuzz_state.py: no crash, hang, other exception or changed session on refusal
-    (`python scripts/fuzz_state.py 5000` is the long run, docs/RELIABILITY.md)."""
+    (`python scripts/fuzz_state.py 5000 [--topk]` is the long run, docs/RELIABILITY.md); topk: an lminf-topk
+    session, whose files hold the store too."""
     import importlib.util
     from collections import Counter
     from pathlib import Path
@@ -189,8 +191,8 @@ def test_fuzzed_state_files_slice(tmp_path):
         "fuzz_state", Path(__file__).resolve().parents[1] / "scripts" / "fuzz_state.py")
     fuzz = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fuzz)
-    model, cases = fuzz.make_cases(str(tmp_path), 250, seed=11)
-    results = fuzz.run_files(model, [p for p, _ in cases], timeout=30)
+    model, cases = fuzz.make_cases(str(tmp_path), n, seed=11, topk=topk)
+    results = fuzz.run_files(model, [p for p, _ in cases], timeout=30, topk=topk)
     counts = Counter(r["outcome"] for r in results)
     assert results[0]["outcome"] == "accepted"          # the unchanged file loads
     assert not [r for r in results if r["outcome"] in fuzz.FAILURES], counts
