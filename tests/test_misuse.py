@@ -41,11 +41,13 @@ def test_small_vanilla_n_ctx_does_not_abort(model_path, call):
             elif {call!r} == "logits":
                 print(llm.logits(tokens).shape[0])
             else:
-                print(len(llm.generate(tokens, max_tokens=4, temperature=0)) >= 0)
+                print(type(llm.generate(tokens, max_tokens=4, temperature=0)).__name__)
             llm.nll([4 + i % 90 for i in range(1000)])   # beyond the context: a Python error
         except lminf_gguf.ContextFullError as e:
             print("ContextFullError", e)
     """)
+    # the call inside the context ran (89 NLL values, 90 rows of logits, a str), then the one beyond it was refused
+    assert out.stdout.split()[0] == {"nll": "89", "logits": "90", "generate": "str"}[call], out.stdout
     assert "ContextFullError" in out.stdout
 
 
