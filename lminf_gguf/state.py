@@ -105,8 +105,9 @@ def _set_store(llm, store: bytes) -> bool:
     return not store or bool(_lib.llama_lminf_topk_state_set(llm.ctx, store, len(store)))
 
 
-def _check_store(llm, store: bytes) -> Optional[str]:
-    """Why a file's store section cannot go into this session (None: it can; its segments are then allocated)."""
+def _check_store(llm, store: bytes, pos: int, n_seen: int) -> Optional[str]:
+    """Why a file's store section cannot go into this session (None: it can; its segments are then allocated).
+    pos, n_seen: the file's cache position and stream length, which the store's rows must agree with."""
     if not MODES[llm.mode].topk:
         return "a top-k store in a session without one" if store else None
     if len(store) < _STORE_HEADER.size:
@@ -118,6 +119,14 @@ def _check_store(llm, store: bytes) -> Optional[str]:
                 f"layers {llm.topk_layer}..{llm.model.n_layer - 1}, {mine} bytes)")
     if rows < 0 or offset < 0 or len(store) != _STORE_HEADER.size + rows * row_bytes:
         return "a malformed top-k store (rows or size)"
+    # a row per token of the stream, and cache position p at row p + offset: a store that disagrees with the cache
+    # would be read at rows it does not hold
+    if rows != n_seen or offset != n_seen - pos:
+        return f"a top-k store of {rows} rows at offset {offset} for a stream of {n_seen} tokens at position {pos}"
+    if llm.store_type in ("f32", "f16"):
+        values = np.frombuffer(store, dtype="<f4" if llm.store_type == "f32" else "<f2", offset=_STORE_HEADER.size)
+        if not np.isfinite(values).all():
+            return "a top-k store with keys or values that are not finite"
     if _lib.llama_lminf_topk_state_check(llm.ctx, store, len(store)) != rows:
         return "a top-k store this session's store cannot take (" + \
                "; ".join(_lib.last_errors()[-1:]) + ")"
@@ -246,7 +255,7 @@ def load_state(llm, path: Union[str, os.PathLike]) -> dict:
     if not isinstance(header.get("extra", {}), dict):
         raise StateError(f"{path}: malformed state file (extra is not an object)")
 
-    why = _check_store(llm, store)
+    why = _check_store(llm, store, pos, n_seen)
     if why:
         raise StateError(f"{path} holds {why}")
 

@@ -114,6 +114,7 @@ def _store_header(store: bytes) -> list:
 @pytest.mark.parametrize("field,value,match", [
     (0, 1, "malformed top-k store"),           # rows: the size no longer matches
     (1, -3, "malformed top-k store"),          # a negative row offset
+    (1, 0, "for a stream of"),                 # an offset that disagrees with the cache (which was rebased)
     (2, 1, "cannot take"),                     # another store type (f16 for f32) (checked in llama.cpp: state_check)
     (3, 2, "layers"),                          # another first layer
     (5, 7, "bytes a row"),
@@ -132,8 +133,9 @@ def test_a_store_of_another_shape_is_refused(saved, tmp_path, field, value, matc
 def test_missing_or_foreign_stores_are_refused(saved, tmp_path):
     path, llm, file = saved
     version, header, parts = sections(file.read_bytes())
+    nan = parts[4][:48] + struct.pack("<f", float("nan")) + parts[4][52:]
     for store, match in ((b"", "no top-k store"), (parts[4][:40], "truncated top-k store"),
-                         (parts[4][:-1], "malformed top-k store")):
+                         (parts[4][:-1], "malformed top-k store"), (nan, "not finite")):
         bad = tmp_path / "bad.lminf"
         bad.write_bytes(join(version, header, parts[:4] + [store]))
         assert_refused_untouched(llm, bad, tmp_path, match)
