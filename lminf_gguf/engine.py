@@ -11,6 +11,9 @@ Modes
             prompt ubatch also attend to the topk middle tokens of each KV head that score highest, placed at
             distance topk_dist (default n_local/2). The KV cache stays bounded; the store grows with the stream.
             Both attention paths, as "lminf" (flash attention corrects the last row of each ubatch exactly).
+            Interleaved sliding-window models (Gemma 2/3): in the global layers only (the local ones keep their
+            window, and have no store). ALiBi models (MPT, BLOOM): nothing is rotated, the chosen keys are biased
+            as if at distance topk_dist (-slope * topk_dist).
   "mask"    Λ-mask only (no ceiling); flash attention as requested.
   "vanilla" unchanged llama.cpp with an n_ctx cache; streams longer than n_ctx raise ContextFullError.
   "shift"   the baseline users have today: llama.cpp's context shift (keep the first n_global tokens, drop half
@@ -131,9 +134,6 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
         cparams = context_params(n_batch, self.n_ubatch, n_threads, type_k, type_v, flash_attn)
 
         topk_params = None
-        if MODES[mode].topk and llama_raw.llama_model_rope_type(self._model.model) == llama_raw.LLAMA_ROPE_TYPE_NONE:
-            raise InvalidInputError("lminf-topk needs a RoPE model (it places the middle tokens at a rotation); "
-                                    f"{self.model_path} has none (ALiBi): use mode 'lminf'")
         if MODES[mode].topk:
             if topk_layer >= self.model.n_layer:
                 raise InvalidInputError(f"topk_layer must be below the model's {self.model.n_layer} layers, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import time
 from typing import Iterator, Optional
 
 import numpy as np
@@ -45,9 +46,10 @@ def _grammar_sampler(llm, grammar):
 
 def make_sampler(llm, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
                  seed: Optional[int], frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                 logit_bias=None, grammar=None):
+                 logit_bias=None, grammar=None, typical_p: float = 1.0):
     """llama.cpp's sampler chain for these settings (greedy when temperature <= 0): logit bias, penalties of the
-    last 64 tokens, a grammar (llama-cpp-python's LlamaGrammar), then the samplers."""
+    last 64 tokens, a grammar (llama-cpp-python's LlamaGrammar), then the samplers in llama.cpp's default order
+    (top-k, typical, top-p, min-p, temperature)."""
     sampler = llama_cpp._internals.LlamaSampler()
     if logit_bias:
         sampler.add_logit_bias(llm.n_vocab, logit_bias)
@@ -59,11 +61,34 @@ def make_sampler(llm, temperature: float, top_k: int, top_p: float, min_p: float
         sampler.add_greedy()
         return sampler
     sampler.add_top_k(top_k)
+    if typical_p < 1.0:
+        sampler.add_typical(typical_p, 1)
     sampler.add_top_p(top_p, 1)
     sampler.add_min_p(min_p, 1)
     sampler.add_temp(temperature)
     sampler.add_dist(seed if seed is not None else llama_raw.LLAMA_DEFAULT_SEED)
     return sampler
+
+
+def ban_eog(llm, sampling: dict) -> dict:
+    """sampling with every end-of-generation token of the vocabulary banned (logit bias -inf): llama-server's
+    ignore_eos. The reply then runs to max_tokens (or a stop string)."""
+    eog = llm.__dict__.get("eog_tokens")
+    if eog is None:  # once per session: a walk over the vocabulary
+        vocab = llm._model.vocab
+        eog = llm.__dict__["eog_tokens"] = [t for t in range(llm.n_vocab) if llama_raw.llama_vocab_is_eog(vocab, t)]
+    return dict(sampling, logit_bias={**(sampling.get("logit_bias") or {}), **{t: -np.inf for t in eog}})
+
+
+def tally(llm, **counts) -> None:
+    """Add to the session's running totals (llm.totals: prompt_tokens, prompt_seconds, predicted_tokens,
+    predicted_seconds, decodes), which a server reads before and after a request for its metrics and timings."""
+    totals = llm.__dict__.setdefault("totals", dict.fromkeys(TOTALS, 0))
+    for k, v in counts.items():
+        totals[k] += v
+
+
+TOTALS = ("prompt_tokens", "prompt_seconds", "predicted_tokens", "predicted_seconds", "decodes")
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -86,10 +111,17 @@ def token_record(llm, tok: int, lp: Optional[np.ndarray], top: int, offset: int 
     return rec
 
 
+class PromptProgress(dict):
+    """A prompt-evaluation report, llama-server's prompt_progress ({"total", "cache", "processed", "time_ms"}):
+    pieces() yields it among the text pieces when its progress callback returns one (the server's streamed chat
+    with "return_progress": true); any other return value of the callback is ignored."""
+
+
 def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[bytes], info: dict,
            logprobs: Optional[int] = None, prompt_logprobs: bool = False, **sampling) -> Iterator[str]:
     """Evaluate the prompt tokens, then sample; yield text pieces. info gets finish_reason, prompt_tokens,
     completion_tokens. text: the bytes the prompt tokens stand for (chat prefix tracking), or None.
+    progress(done, total) is called after each prompt batch; a PromptProgress it returns is yielded as it is.
 
     logprobs (k >= 0): info["tokens"] gets a token_record per sampled token (with "offset", the character offset
     of its text in the generated text) with the k most likely alternatives; prompt_logprobs: info["prompt"] gets
@@ -102,6 +134,7 @@ def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[by
     prev_text, prev_tokens = llm._text, llm._tokens
     llm._text = llm._tokens = None
     done = 0
+    started = time.perf_counter()
     if prompt_logprobs:
         info["prompt"] = []
         prev = None if fresh else llm._last
@@ -118,7 +151,12 @@ def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[by
             prev = out[-1].copy()
         done = min(done + llm.n_batch, len(tokens))
         if progress:
-            progress(done, len(tokens))
+            report = progress(done, len(tokens))
+            if isinstance(report, PromptProgress):  # the caller asked for it among the pieces (a streamed chat)
+                yield report
+    tally(llm, prompt_tokens=len(tokens), prompt_seconds=time.perf_counter() - started,
+          decodes=-(-len(tokens) // llm.n_batch))
+    started = time.perf_counter()
     if text is not None:
         llm._text = bytearray(text) if fresh else (prev_text + text if prev_text is not None else None)
         llm._tokens = list(tokens) if fresh else (prev_tokens + list(tokens) if prev_tokens is not None and
@@ -137,6 +175,7 @@ def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[by
     generated = ""   # text sampled so far
     emitted = 0      # characters of it already yielded
     hold = max((len(s) for s in stops), default=0)
+    decoded = 0      # sampled tokens evaluated (llama_decode calls)
     try:
         for _ in range(max_tokens):
             if llm._cancel.is_set():
@@ -170,6 +209,7 @@ def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[by
                 hits = [i for i in (generated.find(s, max(0, emitted - len(s))) for s in stops) if i >= 0]
                 if hits:
                     cut = min(hits)
+                    info["stop_word"] = next(s for s in stops if generated.find(s, max(0, emitted - len(s))) == cut)
                     if cut > emitted:
                         yield generated[emitted:cut]
                     info["finish_reason"] = "stop"
@@ -185,16 +225,20 @@ def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[by
                 yield generated[emitted:safe]
                 emitted = safe
             llm._decode([tok], all_logits=False)
+            decoded += 1
             if llm._text is not None:
                 llm._text += piece
                 llm._tokens.append(tok)
         else:
             info["finish_reason"] = "length"
-        generated += decoder.decode(b"", final=True)
+        # the bytes of a character the last token left incomplete (a reply cut by max_tokens inside a multi-byte
+        # character) are dropped, not shown as U+FFFD; held-back text comes out
         if len(generated) > emitted:
             yield generated[emitted:]
     finally:
         sampler.close()
+        tally(llm, predicted_tokens=info["completion_tokens"], predicted_seconds=time.perf_counter() - started,
+              decodes=decoded)
 
 
 def stop_list(stop) -> list:

@@ -32,6 +32,9 @@ MODES = {m.name: m for m in (
     Mode("vanilla", False, False, False, False, "unchanged llama.cpp"),
 )}
 DEFAULT_MODE = "lminf"
+# `lminf ask -f` and `lminf chat -f`: questions about a file, whose answer may lie far behind the window; lminf-topk
+# brings it back (DEFAULT_MODE, with a note, on a model that refuses it)
+FILE_MODE = "lminf-topk"
 
 # the llama-cpp-python release whose vendored llama.cpp the patches apply to (llama-cpp-python.pin)
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -52,6 +55,7 @@ class Sampling:
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
+    typical_p: float = 1.0    # locally typical sampling; 1 = off
     repeat_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
@@ -62,7 +66,7 @@ SAMPLING = Sampling()
 
 
 def sampling_args(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty=0.0,
-                  presence_penalty=0.0, logit_bias=None, grammar=None) -> dict:
+                  presence_penalty=0.0, logit_bias=None, grammar=None, typical_p=1.0) -> dict:
     """Sampling keywords checked (InvalidInputError names the first bad one; NaN and infinities included)."""
     def number(name, value, low, high=None, low_open=False, integer=False):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
@@ -90,6 +94,7 @@ def sampling_args(temperature, top_k, top_p, min_p, repeat_penalty, seed, freque
             bias[tok] = number(f"logit_bias[{key}]", value, -100.0, 100.0)
     return dict(temperature=number("temperature", temperature, 0.0), top_k=number("top_k", top_k, 0, integer=True),
                 top_p=number("top_p", top_p, 0.0, 1.0), min_p=number("min_p", min_p, 0.0, 1.0),
+                typical_p=number("typical_p", typical_p, 0.0, 1.0),
                 repeat_penalty=number("repeat_penalty", repeat_penalty, 0.0, low_open=True),
                 frequency_penalty=number("frequency_penalty", frequency_penalty, -2.0, 2.0),
                 presence_penalty=number("presence_penalty", presence_penalty, -2.0, 2.0),
@@ -97,6 +102,8 @@ def sampling_args(temperature, top_k, top_p, min_p, repeat_penalty, seed, freque
 
 
 CHAT_TEMPERATURE = 0.2
+# `lminf ask`: a question about a file has one answer, taken greedily
+ASK_TEMPERATURE = 0.0
 # OpenAI-shaped calls: choices per request (n; prompts x n for completions), alternatives per token (logprobs)
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -138,15 +145,17 @@ def mode_help() -> str:
     return "attention: " + ", ".join(f"{m.name} = {m.help}" for m in MODES.values())
 
 
-def add_model_flags(p: argparse.ArgumentParser, several_modes: bool = False) -> None:
-    """The flags that open a model and a session (LMInfinite's arguments)."""
+def add_model_flags(p: argparse.ArgumentParser, several_modes: bool = False, mode_default: Optional[str] = DEFAULT_MODE,
+                    mode_note: str = "") -> None:
+    """The flags that open a model and a session (LMInfinite's arguments). mode_default None: the command picks
+    the mode (mode_note says how) unless --mode is given."""
     p.add_argument("-m", "--model", help="GGUF model: a path or hf:OWNER/REPO/FILE.gguf (Hugging Face cache "
                    "first; HF_HUB_OFFLINE=1 honoured); default: the offline SmolLM2-135M-Instruct Q4_1")
     if several_modes:
         p.add_argument("--mode", nargs="+", default=[DEFAULT_MODE], choices=list(MODES),
                        help=mode_help() + "; several modes run one after the other")
     else:
-        p.add_argument("--mode", default=DEFAULT_MODE, choices=list(MODES), help=mode_help())
+        p.add_argument("--mode", default=mode_default, choices=list(MODES), help=mode_help() + mode_note)
     p.add_argument("--n-global", type=int, help="global (sink) tokens G (default: GGUF lminf.n_global, else 10)")
     p.add_argument("--n-local", type=int, help="window L (default: GGUF lminf.n_local, else trained context)")
     p.add_argument("--dist-max", type=int, help="distance ceiling C (default: GGUF lminf.dist_max, else L)")
@@ -251,6 +260,7 @@ def check_session_args(*, mode, n_global, n_local, dist_max, n_batch, n_ubatch, 
 
 
 __all__ = ["Mode", "MODES", "DEFAULT_MODE", "LLAMA_CPP_PYTHON", "KV_TYPES", "QUANTISED_KV_TYPES", "STORE_TYPES",
-           "FLASH_CHOICES", "Sampling", "SAMPLING", "CHAT_TEMPERATURE", "MAX_N", "MAX_LOGPROBS", "sampling_args", "TopK",
+           "FLASH_CHOICES", "FILE_MODE", "Sampling", "SAMPLING", "CHAT_TEMPERATURE", "ASK_TEMPERATURE",
+           "MAX_N", "MAX_LOGPROBS", "sampling_args", "TopK",
            "TOPK", "Session", "SESSION", "default_threads", "add_model_flags", "add_sampling_flags", "sampling_kwargs", "engine_kwargs",
            "ignored_options", "check_session_args"]

@@ -15,7 +15,7 @@ from . import grammar, inputs, tools
 from ._lib import llama_cpp, llama_raw
 from .errors import InvalidInputError
 from .context import in_use
-from .generate import stop_list
+from .generate import PromptProgress, ban_eog, stop_list
 from .options import CHAT_TEMPERATURE, MAX_LOGPROBS, MAX_N, SAMPLING
 
 # the fallback chat templates when the GGUF file has none, or one that cannot be rendered: the family's own turn
@@ -98,19 +98,35 @@ def _text_offsets(records, base: int = 0) -> None:
         at += len(decoder.decode(rec["bytes"]))
 
 
-def _events(llm, runs: List[_Run], max_tokens, stops, progress, logprobs: Optional[int], usage: dict):
+def _reporter(cached: int) -> Callable[[int, int], PromptProgress]:
+    """A progress callback whose reports are llama-server's prompt_progress: total and processed count the
+    cached tokens (the held conversation) too, time_ms since the prompt's evaluation began."""
+    started = time.perf_counter()
+    return lambda done, total: PromptProgress(total=cached + total, cache=cached, processed=cached + done,
+                                              time_ms=int((time.perf_counter() - started) * 1000.0))
+
+
+def _events(llm, runs: List[_Run], max_tokens, stops, progress, logprobs: Optional[int], usage: dict,
+            prompt_tokens: Optional[int] = None):
     """Generate the runs one after another; yield (index, text, records, finish_reason): text pieces with the
     token records whose text starts in them, then (index, "", [...], finish_reason) once per choice. usage gets
-    the prompt tokens evaluated and the tokens generated, all choices together."""
+    the prompt tokens evaluated and the tokens generated, all choices together. prompt_tokens (the whole
+    prompt's token count): report the prompt's evaluation, (index, PromptProgress, [], None) after each batch,
+    before the choice's text."""
     for index, run in enumerate(runs):
         info: dict = {}
         echo_logprobs = run.echo is not None and logprobs is not None
+        if prompt_tokens is not None:
+            progress = _reporter(prompt_tokens - len(run.tokens))
         gen = llm._generate(run.tokens, run.fresh, max_tokens, run.sampling, stops, progress, run.text, info,
                             logprobs=logprobs, prompt_logprobs=echo_logprobs)
         records: list = []
         taken = done = 0
         try:
-            first = next(gen, None)  # evaluates the prompt
+            first = next(gen, None)  # evaluates the prompt (reporting its progress first, when asked to)
+            while isinstance(first, PromptProgress):
+                yield index, first, [], None
+                first = next(gen, None)
             if run.echo is not None:
                 prompt_records = info.get("prompt", [])
                 _text_offsets(prompt_records)
@@ -130,6 +146,8 @@ def _events(llm, runs: List[_Run], max_tokens, stops, progress, logprobs: Option
             gen.close()
             usage["prompt_tokens"] += info.get("prompt_tokens", 0)
             usage["completion_tokens"] += info.get("completion_tokens", 0)
+        if info.get("stop_word") is not None:  # the stop string that ended this choice (completions' stop_reason)
+            usage.setdefault("stop_words", {})[index] = info["stop_word"]
         yield index, "", [], info.get("finish_reason", "cancelled")
 
 
@@ -185,7 +203,8 @@ def _collect(events, choices: list, text_key: str, shape_logprobs) -> None:
 
 
 def _usage(usage: dict) -> dict:
-    return dict(usage, total_tokens=usage["prompt_tokens"] + usage["completion_tokens"])
+    return {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+            "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
 
 
 def create_completion(llm, prompt, max_tokens: Optional[int], sampling: dict, stop: Union[str, List[str], None],
@@ -201,7 +220,9 @@ def create_completion(llm, prompt, max_tokens: Optional[int], sampling: dict, st
     each token's log-probability and its k most likely alternatives; echo=True puts the prompt in front of the
     text (with logprobs, its tokens' too, the first one None). n choices are generated one after another (a
     given seed advances by one per choice). stream_options={"include_usage": True} ends a stream with a chunk
-    of usage and no choices.
+    of usage and no choices. A choice that a stop string ended has "stop_reason": that string (vLLM's field).
+    typical_p: locally typical sampling (1 = off); ignore_eos=True bans the end-of-generation tokens (the reply runs
+    to max_tokens or a stop string), as llama-server's fields.
     """
     llm._cancel.clear()
     n = _check_int("n", n, 1, MAX_N)
@@ -223,18 +244,22 @@ def create_completion(llm, prompt, max_tokens: Optional[int], sampling: dict, st
     cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
     head = {"id": cid, "object": "text_completion", "created": created, "model": llm.model_name}
     if stream:
-        return _completion_chunks(head, events, logprobs is not None, usage if with_usage else None)
+        return _completion_chunks(head, events, logprobs is not None, usage if with_usage else None, usage)
     choices = [{"text": "", "index": i, "logprobs": [] if logprobs is not None else None, "finish_reason": None}
                for i in range(len(runs))]
     _collect(events, choices, "text", completion_logprobs)
+    for i, word in usage.get("stop_words", {}).items():
+        choices[i]["stop_reason"] = word
     return dict(head, choices=choices, usage=_usage(usage))
 
 
-def _completion_chunks(head: dict, events, with_logprobs: bool, usage: Optional[dict]):
+def _completion_chunks(head: dict, events, with_logprobs: bool, usage: Optional[dict], counts: dict):
     for index, text, records, finish in events:
         if text or finish is not None:
             choice = {"text": text, "index": index,
                       "logprobs": completion_logprobs(records) if with_logprobs else None, "finish_reason": finish}
+            if finish is not None and index in counts.get("stop_words", {}):
+                choice["stop_reason"] = counts["stop_words"][index]
             yield dict(head, choices=[choice], **({"usage": None} if usage is not None else {}))
     if usage is not None:
         yield dict(head, choices=[], usage=_usage(usage))
@@ -330,7 +355,8 @@ def held_prefix(llm, messages: List[dict], rendered: Optional[dict] = None, tool
 def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int], sampling: dict,
                            stop: Union[str, List[str], None], stream: bool, n: int = 1,
                            logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None,
-                           stream_options: Optional[dict] = None, plan: Optional[tools.ToolPlan] = None):
+                           stream_options: Optional[dict] = None, plan: Optional[tools.ToolPlan] = None,
+                           return_progress: bool = False):
     """Chat completion with the dict shape of llama_cpp.Llama.create_chat_completion ("chat.completion";
     with stream=True "chat.completion.chunk" dicts: per choice a first delta {"role": "assistant"}, then
     {"content"}, then {} with the finish_reason).
@@ -350,9 +376,15 @@ def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int],
     n choices are generated one after another (the first may reuse the held prefix, the others evaluate the
     prompt again; the sequence then holds the last one). logprobs=True gives each content token's
     log-probability, top_logprobs (0..20) its most likely alternatives; stream_options as in create_completion.
+    return_progress (stream only; llama-server's field): before a choice's first delta, a chunk after each prompt
+    batch, {"choices": [], "prompt_progress": {"total", "cache", "processed", "time_ms"}}: total is the
+    conversation's tokens, cache those the sequence held already, processed those evaluated so far (cache
+    included: processed == total when the prompt is read), time_ms since its evaluation began.
     """
     if not messages:
         raise InvalidInputError("messages must not be empty")
+    if return_progress and not stream:
+        raise InvalidInputError("return_progress needs stream=True (the progress comes as stream chunks)")
     llm._cancel.clear()
     n = _check_int("n", n, 1, MAX_N)
     if logprobs is not None and not isinstance(logprobs, bool):
@@ -380,7 +412,7 @@ def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int],
     runs += [_Run(tokens, True, data, None, _seeded(sampling, i)) for i in range(len(runs), n)]
     stops = stop_list(stop) + [fallback_template(llm)[2]] * (llm._template_source != "gguf")
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
-    events = _events(llm, runs, max_tokens, stops, None, k, usage)
+    events = _events(llm, runs, max_tokens, stops, None, k, usage, len(tokens) if return_progress else None)
     head = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": llm.model_name}
     if stream:
         return _chat_chunks(head, events, k is not None, usage if with_usage else None, plan)
@@ -407,6 +439,9 @@ def _chat_chunks(head: dict, events, with_logprobs: bool, usage: Optional[dict],
     started = set()
     filters: dict = {}
     for index, text, records, finish in events:
+        if isinstance(text, PromptProgress):  # return_progress: llama-server's chunk shape
+            yield dict(head, choices=[], prompt_progress=dict(text), **extra)
+            continue
         if index not in started:
             started.add(index)
             yield dict(head, choices=[{"index": index, "delta": {"role": "assistant"}, "logprobs": None,
@@ -559,9 +594,11 @@ class OpenAIStyle:
                           frequency_penalty: float = SAMPLING.frequency_penalty,
                           presence_penalty: float = SAMPLING.presence_penalty,
                           logit_bias: Optional[Dict[int, float]] = None, grammar=None, n: int = 1,
-                          logprobs: Optional[int] = None, echo: bool = False, stream_options: Optional[dict] = None):
+                          logprobs: Optional[int] = None, echo: bool = False, stream_options: Optional[dict] = None,
+                          typical_p: float = SAMPLING.typical_p, ignore_eos: bool = False):
         sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty,
-                                  presence_penalty, logit_bias, grammar)
+                                  presence_penalty, logit_bias, grammar, typical_p)
+        sampling = ban_eog(self, sampling) if ignore_eos else sampling
         return _completion(self, prompt, max_tokens, sampling, stop, stream, fresh, progress, n=n,
                                            logprobs=logprobs, echo=echo, stream_options=stream_options)
 
@@ -599,7 +636,8 @@ class OpenAIStyle:
                                response_format: Optional[dict] = None, n: int = 1, logprobs: Optional[bool] = None,
                                top_logprobs: Optional[int] = None, stream_options: Optional[dict] = None,
                                tools: Optional[list] = None, tool_choice=None,
-                               parallel_tool_calls: Optional[bool] = None):
+                               parallel_tool_calls: Optional[bool] = None, typical_p: float = SAMPLING.typical_p,
+                               ignore_eos: bool = False, return_progress: bool = False):
         plan = tool_plan(self, tools, tool_choice, parallel_tool_calls)
         grammar = response_format_grammar(response_format) if response_format else grammar
         if plan.grammar is not None and grammar is not None:
@@ -607,9 +645,11 @@ class OpenAIStyle:
                                     "calls: it cannot be combined with response_format or grammar")
         grammar = plan.grammar or grammar
         sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty,
-                                  presence_penalty, logit_bias, grammar)
+                                  presence_penalty, logit_bias, grammar, typical_p)
+        sampling = ban_eog(self, sampling) if ignore_eos else sampling
         return _chat_completion(self, messages, max_tokens, sampling, stop, stream, n=n,
                                                 logprobs=logprobs, top_logprobs=top_logprobs,
-                                                stream_options=stream_options, plan=plan)
+                                                stream_options=stream_options, plan=plan,
+                                                return_progress=return_progress)
 
     create_chat_completion.__doc__ = _chat_completion.__doc__

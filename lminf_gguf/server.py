@@ -12,13 +12,26 @@ Endpoints
   POST /detokenize           {"tokens": [...]} -> {"content": "..."}
   POST /v1/embeddings        {"input": "..." | [...], "encoding_format": "float" | "base64"} (embeddings.py)
   GET  /health               {"status": "ok", "slots_idle": n, "slots_processing": m}
+  llama-server's own API (llama_api.py):
+  POST /completion           {"prompt", "n_predict", ...} -> {"content", "stop", "stop_type", "timings", ...}
+  GET  /props                default generation settings, slots, model, chat template, the LM-Infinite settings
+  GET  /slots                per slot: id, is_processing, n_ctx (the window), its cache when last used
+  POST /slots/{id}?action=save|restore|erase  {"filename": "..."}: state files in --slot-save-path (else 501)
+  GET  /metrics              Prometheus text, llama-server's metric names (with --metrics; else 501)
+  GET  /                     the chat page (webui.py; also /index.html; GET /webui/info: its window line); off
+                             with --no-webui (then a 404)
 The same paths without the /v1 prefix are accepted too. "stream": true answers with Server-Sent Events,
 `data: {chunk}` per piece and `data: [DONE]` at the end. Request fields: max_tokens (or max_completion_tokens),
 temperature, top_p, top_k, min_p, repeat_penalty, frequency_penalty, presence_penalty, logit_bias, seed, stop,
 stream, stream_options, n, logprobs, for completions echo, best_of (= n) and several or token-id prompts, for
 chat top_logprobs, response_format (text, json_object, json_schema: constrained by a grammar), tools,
-tool_choice and parallel_tool_calls (tools.py: through the model's chat template); model and user are accepted
-and ignored, and any other field is refused with a 400 that names it (README's table).
+tool_choice and parallel_tool_calls (tools.py: through the model's chat template), and llama-server's n_predict,
+cache_prompt, ignore_eos, id_slot, typical_p, grammar, json_schema, n_probs, samplers and n_keep (0 only), for
+chat its return_progress (with "stream": true only, else a 400): before the first delta, a chunk after each
+prompt batch, {"id", "object": "chat.completion.chunk", "created", "model", "choices": [], "prompt_progress":
+{"total", "cache", "processed", "time_ms"}} (tokens of the conversation, those the slot held already, those
+read so far, cache included: processed == total at the end; the chat page's progress bar); model and user are accepted and ignored, and any other field is refused with a 400 that names it (README's
+table).
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with status 400, 401, 404, 405, 413
 or 500.
 
@@ -61,7 +74,7 @@ from .httpio import _DISCONNECTS, MAX_BODY_BYTES, RequestError, RequestIO, _bad,
 from .options import (CHAT_TEMPERATURE, MAX_LOGPROBS, MAX_N, SAMPLING, add_model_flags, default_threads,
                       engine_kwargs, ignored_options)
 from .slots import SlotPool, open_sessions
-from . import embeddings, tools
+from . import embeddings, llama_api, tools, webui
 
 __all__ = ["LMInfServer", "make_server", "add_parser", "cmd_serve", "MAX_BODY_BYTES", "MAX_BODIES_BYTES",
            "MAX_QUEUE", "MAX_TOKENS_LIMIT", "PARSED_BODY_COST"]
@@ -121,9 +134,10 @@ def _number(body: dict, name: str, default, low=None, high=None, integer=False, 
 _COMMON_FIELDS = {"model", "user", "n", "stream", "stream_options", "stop", "seed", "max_tokens",
                   "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
                   "frequency_penalty", "presence_penalty", "logit_bias", "logprobs"}
-COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
-CHAT_FIELDS = _COMMON_FIELDS | {"messages", "response_format", "top_logprobs", "tools", "tool_choice",
-                                 "parallel_tool_calls"}
+# llama-server's extension fields are accepted on both (llama_api.EXTENSION_FIELDS: n_predict, grammar, id_slot, ...)
+COMPLETION_FIELDS = _COMMON_FIELDS | llama_api.EXTENSION_FIELDS | {"prompt", "echo", "suffix", "best_of"}
+CHAT_FIELDS = _COMMON_FIELDS | llama_api.EXTENSION_FIELDS | llama_api.CHAT_EXTENSION_FIELDS | {
+    "messages", "response_format", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"}
 
 
 # why some fields OpenAI's reference has are refused (README: the table of fields)
@@ -197,15 +211,17 @@ def _sampling(body: dict, max_tokens_default: Optional[int], temperature_default
     )
 
 
-def parse_completion_request(body: dict, max_tokens_limit: int = MAX_TOKENS_LIMIT) -> dict:
-    """Keyword arguments of LMInfinite.create_completion for a /v1/completions body."""
+def parse_completion_request(body: dict, max_tokens_limit: int = MAX_TOKENS_LIMIT,
+                             max_tokens_default: Optional[int] = 16) -> dict:
+    """Keyword arguments of LMInfinite.create_completion for a /v1/completions body (and llama-server's
+    /completion, whose n_predict defaults to -1: max_tokens_default None); "id_slot" is the server's."""
     if "prompt" not in body:
         raise _bad("missing required field 'prompt'", "prompt")
     _known_fields(body, COMPLETION_FIELDS)
     prompt = _prompt(body["prompt"])
     if body.get("suffix"):
         raise _bad("'suffix' (fill in the middle) is not supported", "suffix")
-    out = dict(prompt=prompt, **_sampling(body, 16, SAMPLING.temperature, max_tokens_limit))
+    out = dict(prompt=prompt, **_sampling(body, max_tokens_default, SAMPLING.temperature, max_tokens_limit))
     n_prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
     if n_prompts * out.get("n", 1) > MAX_N:
         raise _bad(f"at most {MAX_N} choices per request (prompts x n)", "n")
@@ -220,7 +236,7 @@ def parse_completion_request(body: dict, max_tokens_limit: int = MAX_TOKENS_LIMI
     logprobs = _number(body, "logprobs", None, low=0, high=MAX_LOGPROBS, integer=True)
     if logprobs is not None:
         out["logprobs"] = logprobs
-    return out
+    return llama_api.extensions(body, out, chat=False, max_tokens_limit=max_tokens_limit)
 
 
 def _prompt(prompt):
@@ -304,7 +320,7 @@ def parse_chat_request(body: dict, max_tokens_limit: int = MAX_TOKENS_LIMIT) -> 
             raise _bad("'response_format' must be {'type': 'text' | 'json_object' | 'json_schema', ...}",
                        "response_format")
         out["response_format"] = fmt
-    return out
+    return llama_api.extensions(body, out, chat=True, max_tokens_limit=max_tokens_limit)
 
 
 # -- server -----------------------------------------------------------------------------------------------------
@@ -318,7 +334,8 @@ class LMInfServer(ThreadingHTTPServer):
 
     def __init__(self, llm, host: str = "127.0.0.1", port: int = 8080, *, api_key: Optional[str] = None,
                  model_id: Optional[str] = None, log: bool = False, max_tokens_limit: int = MAX_TOKENS_LIMIT,
-                 cors_origins=(), memory_budget: Optional[int] = None, max_queue: int = MAX_QUEUE):
+                 cors_origins=(), memory_budget: Optional[int] = None, max_queue: int = MAX_QUEUE,
+                 webui: bool = True, slot_save_path: Optional[str] = None, metrics: bool = False):
         # one session, or a SlotPool of several over one model (lminf serve --parallel N)
         self.pool = llm if isinstance(llm, SlotPool) else SlotPool([llm])
         self.llm = self.pool.sessions[0]
@@ -328,7 +345,11 @@ class LMInfServer(ThreadingHTTPServer):
         self._bodies_bytes = 0  # budget in use: bodies being read, parsed requests held (see MAX_BODIES_BYTES)
         self.memory_budget = memory_budget  # None: MAX_BODIES_BYTES, read when used
         self.max_queue = max_queue
+        self.webui = webui  # the chat page at GET / (webui.py)
         self._waiting = 0  # requests waiting for a slot now
+        self.slot_save_path = slot_save_path  # POST /slots/{id}?action=save|restore: state files there (else 501)
+        self.metrics_enabled = metrics  # GET /metrics (else 501, as llama-server without --metrics)
+        self.metrics = llama_api.Metrics()  # counted either way (GET /slots reads the slots' cache figures)
         self.api_key = api_key or None
         path = getattr(self.llm, "model_path", None) or "lminf"
         self.model_id = model_id or os.path.basename(str(path))
@@ -355,6 +376,11 @@ class LMInfServer(ThreadingHTTPServer):
             with self._bodies_lock:
                 self._bodies_bytes -= n
 
+    def waiting(self) -> int:
+        """Requests waiting for a slot now (llama-server's requests_deferred)."""
+        with self._bodies_lock:
+            return self._waiting
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
@@ -366,9 +392,14 @@ class LMInfServer(ThreadingHTTPServer):
         return self.pool.close(timeout)
 
     @contextlib.contextmanager
-    def session(self, handler: "_Handler", score=None):
+    def session(self, handler: "_Handler", score=None, slot: Optional[int] = None):
         """A free session for handler's request (503 when the server stops, _ClientGone when the client leaves
-        while waiting)."""
+        while waiting). slot: that slot only (llama-server's id_slot), waited for as llama-server defers it."""
+        if slot is not None:
+            if not 0 <= slot < len(self.pool):
+                raise _bad(f"'id_slot' must be -1 or a slot in [0, {len(self.pool) - 1}], not {slot}", "id_slot")
+            wanted = self.pool.sessions[slot]
+            score = lambda llm: llm is wanted  # noqa: E731
         with self._bodies_lock:
             if self._waiting >= self.max_queue and self.pool.busy() == len(self.pool):
                 raise RequestError(503, f"{self._waiting} requests are waiting for a slot already (--max-queue); "
@@ -382,10 +413,22 @@ class LMInfServer(ThreadingHTTPServer):
                 waiting = False
                 with self._bodies_lock:
                     self._waiting -= 1
+        give_up = lambda: self.stopping.is_set() or handler._client_gone()  # noqa: E731
         try:
-            with self.pool.acquire(score, give_up=lambda: self.stopping.is_set() or handler._client_gone()) as llm:
-                stop_waiting()
-                yield llm
+            while True:
+                with self.pool.acquire(score, give_up=give_up) as llm:
+                    if slot is None or llm is wanted:
+                        stop_waiting()
+                        index = self.pool.sessions.index(llm)
+                        started = self.metrics.begin(index, llm)
+                        try:
+                            yield llm
+                        finally:
+                            self.metrics.end(index, llm, started)
+                        return
+                if give_up():  # another slot was free, not this one: wait for it
+                    raise TimeoutError
+                time.sleep(SlotPool.POLL_S / 4)
         except TimeoutError:
             if self.stopping.is_set() or self.pool.closed:
                 raise RequestError(503, "the server is shutting down", code="unavailable") from None
@@ -397,14 +440,17 @@ class LMInfServer(ThreadingHTTPServer):
 def make_server(llm, host: str = "127.0.0.1", port: int = 8080, *, api_key: Optional[str] = None,
                 model_id: Optional[str] = None, log: bool = False,
                 max_tokens_limit: int = MAX_TOKENS_LIMIT, cors_origins=(), memory_budget: Optional[int] = None,
-                max_queue: int = MAX_QUEUE) -> LMInfServer:
+                max_queue: int = MAX_QUEUE, webui: bool = True, slot_save_path: Optional[str] = None,
+                metrics: bool = False) -> LMInfServer:
     """A bound server (not yet serving: call serve_forever(), e.g. in a thread); port 0 picks a free port.
     cors_origins: the browser origins allowed to call it ("https://app.example", or "*" for any); none by default,
     so that a web page cannot use a model served on the user's machine. memory_budget (bytes; None:
-    MAX_BODIES_BYTES) and max_queue bound the requests held at once (503 with Retry-After past either)."""
+    MAX_BODIES_BYTES) and max_queue bound the requests held at once (503 with Retry-After past either). webui:
+    the chat page at GET / (False: a 404 there). slot_save_path: the directory of POST /slots/{id}?action=save|restore
+    (None: 501); metrics: GET /metrics (False: 501), as llama-server's --slot-save-path and --metrics."""
     return LMInfServer(llm, host, port, api_key=api_key, model_id=model_id, log=log,
                        max_tokens_limit=max_tokens_limit, cors_origins=cors_origins, memory_budget=memory_budget,
-                       max_queue=max_queue)
+                       max_queue=max_queue, webui=webui, slot_save_path=slot_save_path, metrics=metrics)
 
 
 class _Handler(RequestIO, BaseHTTPRequestHandler):
@@ -475,9 +521,13 @@ class _Handler(RequestIO, BaseHTTPRequestHandler):
 
     # -- methods ----------------------------------------------------------------------------------------------
 
-    _GET = {"/models": "_models", "/health": "_health"}
+    _GET = {"/models": "_models", "/health": "_health", "/": "_webui", "/index.html": "_webui",
+            "/webui/info": "_webui_info"}
     _POST = {"/completions": "_completions", "/chat/completions": "_chat", "/tokenize": "_tokenize",
              "/detokenize": "_detokenize", "/embeddings": "_embeddings"}
+    # llama-server's own API (llama_api.py); POST /slots/{id}?action=... is matched in _dispatch_held
+    _GET.update({"/props": "_props", "/slots": "_slots", "/metrics": "_metrics"})
+    _POST.update({"/completion": "_completion_llama", "/slots/{id}": "_slot_action"})
 
     def _dispatch(self, method: str) -> None:
         self._streaming = False
@@ -491,6 +541,8 @@ class _Handler(RequestIO, BaseHTTPRequestHandler):
             return self._preflight(route)
         if route.startswith("/models/") and method == "GET":
             route = "/models/{id}"
+        elif route.startswith("/slots/") and method == "POST":
+            route = "/slots/{id}"
         table = self._GET if method == "GET" else self._POST if method == "POST" else {}
         if route == "/models/{id}" and method == "GET":
             table = {route: "_model"}
@@ -501,7 +553,7 @@ class _Handler(RequestIO, BaseHTTPRequestHandler):
                     raise RequestError(405, f"{method} is not allowed on {self.path}; use {allowed}",
                                        code="method_not_allowed", headers=[("Allow", allowed)])
                 raise RequestError(404, f"unknown path {self.path}", code="not_found")
-            if route != "/health" and not self._authorised():
+            if route != "/health" and route not in webui.ROUTES and not self._authorised():
                 raise RequestError(401, "missing or incorrect API key (Authorization: Bearer ...)",
                                    code="invalid_api_key")
             getattr(self, table[route])()
@@ -544,6 +596,12 @@ class _Handler(RequestIO, BaseHTTPRequestHandler):
         busy = self.server.pool.busy()
         self._send_json(200, {"status": "ok", "slots_idle": len(self.server.pool) - busy, "slots_processing": busy})
 
+    def _webui(self) -> None:
+        webui.serve_page(self)
+
+    def _webui_info(self) -> None:
+        webui.serve_info(self)
+
     def _models(self) -> None:
         s = self.server
         self._send_json(200, {"object": "list", "data": [
@@ -558,19 +616,20 @@ class _Handler(RequestIO, BaseHTTPRequestHandler):
         self._send_json(200, {"id": s.model_id, "object": "model", "created": s.created, "owned_by": "lminf"})
 
     def _tokenize(self) -> None:
-        """llama.cpp server's shape: {"content": text, "add_special": bool} -> {"tokens": [ids]}."""
-        body = self._read_body()
-        text, add = body.get("content"), body.get("add_special", False)
-        if not isinstance(text, str) or not isinstance(add, bool):
-            raise _bad("'content' must be a string and 'add_special' a boolean", "content")
+        """llama.cpp server's shape: {"content": text, "add_special", "parse_special", "with_pieces": bool} ->
+        {"tokens": [ids]} (with_pieces: [{"id", "piece"}]); special-token text is text unless parse_special."""
+        text, add, special, with_pieces = llama_api.tokenize_args(self._read_body())
         with self.server.session(self) as llm, _engine_errors():
-            tokens = llm.tokenize(text, add_bos=add)
-        self._send_json(200, {"tokens": tokens})
+            tokens = llm.tokenize(text, add_bos=add, special=True) if special else llm.tokenize(text, add_bos=add)
+            reply = llama_api.tokenize_reply(llm, tokens, with_pieces)
+        self._send_json(200, reply)
 
     def _detokenize(self) -> None:
         """{"tokens": [ids]} -> {"content": text}."""
         body = self._read_body()
         tokens = body.get("tokens")
+        if set(body) - {"tokens"}:
+            raise _bad(f"unsupported field {sorted(set(body) - {'tokens'})[0]!r}; /detokenize takes 'tokens'")
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             raise _bad("'tokens' must be a list of integers", "tokens")
         with self.server.session(self) as llm, _engine_errors():
@@ -598,25 +657,59 @@ class _Handler(RequestIO, BaseHTTPRequestHandler):
         kwargs = parse_chat_request(self._read_body(), self.server.max_tokens_limit)
         self._run("create_chat_completion", kwargs)
 
-    def _run(self, method: str, kwargs: dict) -> None:
+    # -- llama-server's API (llama_api.py) --------------------------------------------------------------------
+
+    def _completion_llama(self) -> None:
+        """llama-server's POST /completion: its fields, its response and stream shapes."""
+        body = self._read_body()
+        llama_api.check_completion(body)
+        kwargs = parse_completion_request(body, self.server.max_tokens_limit, max_tokens_default=None)
+        if kwargs["stream"]:
+            kwargs["stream_options"] = {"include_usage": True}  # the counts of the final chunk
+        self._run("create_completion", kwargs, llama_api.completion_shaper(self.server, kwargs, kwargs["prompt"]))
+
+    def _props(self) -> None:
+        self._send_json(200, llama_api.props(self.server))
+
+    def _slots(self) -> None:
+        self._send_json(200, llama_api.slots(self.server))
+
+    def _slot_action(self) -> None:
+        """POST /slots/{id}?action=save|restore|erase (--slot-save-path); a busy slot is waited for."""
+        s = self.server
+        slot, action = llama_api.slot_action_args(self.path, self._route(), s.slot_save_path)
+        body = self._read_body() if action != "erase" or self.headers.get("Content-Length", "0") != "0" else {}
+        with s.session(self, slot=slot) as llm, _engine_errors():
+            reply = llama_api.slot_action(llm, slot, action, body, s.slot_save_path)
+        self._send_json(200, reply)
+
+    def _metrics(self) -> None:
+        llama_api.serve_metrics(self)
+
+    def _run(self, method: str, kwargs: dict, shape=None) -> None:
+        """Generate in a slot and answer; shape(llm) (llama_api.completion_shaper) may reshape the result or the
+        stream of chunks, which then ends without data: [DONE] (llama-server's /completion stream)."""
         s = self.server
         # a chat goes to the slot that holds its conversation, if one does
         score = _held_prefix_score(kwargs["messages"], kwargs.get("tools"), kwargs.get("tool_choice")) \
             if method == "create_chat_completion" else None
-        with s.session(self, score) as llm:
+        slot = kwargs.pop("id_slot", None)
+        with s.session(self, score, slot) as llm:
             if s.stopping.is_set():
                 raise RequestError(503, "the server is shutting down", code="unavailable")
             if self._client_gone():
                 raise _ClientGone()
             create = getattr(llm, method)
+            with _engine_errors():
+                reshape = shape(llm) if shape is not None else (lambda out: out)
             with _Watch(self, llm):
                 if not kwargs["stream"]:
-                    result = self._call(create, kwargs)
+                    result = reshape(self._call(create, kwargs))
                     self._send_json(200, self._named(result))
                     return
                 chunks = self._call(create, kwargs)
                 try:
-                    self._stream(chunks)
+                    self._stream(reshape(chunks), done=shape is None)
                 finally:
                     close = getattr(chunks, "close", None)
                     if close:
@@ -632,7 +725,7 @@ class _Handler(RequestIO, BaseHTTPRequestHandler):
             obj["model"] = self.server.model_id
         return obj
 
-    def _stream(self, chunks: Iterator[dict]) -> None:
+    def _stream(self, chunks: Iterator[dict], done: bool = True) -> None:
         it = iter(chunks)
         # the first chunk comes before the headers, so that a bad request is still answered with a 400
         with _engine_errors():
@@ -663,7 +756,8 @@ class _Handler(RequestIO, BaseHTTPRequestHandler):
         except Exception as e:  # noqa: BLE001 (after the headers the error can only be reported in the stream)
             err = RequestError(500, f"generation failed: {e}")
             self.wfile.write(b"data: " + json.dumps(err.body()).encode("utf-8") + b"\n\n")
-        self.wfile.write(b"data: [DONE]\n\n")
+        if done:
+            self.wfile.write(b"data: [DONE]\n\n")
 
 
 def _held_prefix_score(messages, tools=None, tool_choice=None):
@@ -739,6 +833,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-limit", type=int, default=MAX_TOKENS_LIMIT,
                    help=f"largest max_tokens a request may ask for (default {MAX_TOKENS_LIMIT}; a request holds the "
                         "model while it generates)")
+    p.add_argument("--slot-save-path", metavar="DIR",
+                   help="allow POST /slots/{id}?action=save|restore|erase, with state files in DIR (llama-server's "
+                        "flag; default: off, 501)")
+    p.add_argument("--metrics", action="store_true",
+                   help="serve GET /metrics in Prometheus text format (default: off, 501; llama-server's flag)")
+    p.add_argument("--no-webui", action="store_true",
+                   help="do not serve the chat page at / (a browser opening the address gets a 404)")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -756,6 +857,8 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--parallel must be >= 1, not {args.parallel}")
     if args.memory_budget_mb < 1 or args.max_queue < 0:
         raise ValueError("--memory-budget-mb must be >= 1 and --max-queue >= 0")
+    if args.slot_save_path is not None and not os.path.isdir(args.slot_save_path):
+        raise ValueError(f"--slot-save-path is not a directory: {args.slot_save_path}")
     kwargs = engine_kwargs(args)
     if args.parallel == 1:
         llm = target = LMInfinite(args.model, **kwargs)
@@ -768,7 +871,8 @@ def cmd_serve(args) -> int:
         server = make_server(target, args.host, args.port, api_key=args.api_key, model_id=args.alias,
                              log=not args.quiet, max_tokens_limit=args.max_tokens_limit,
                              cors_origins=args.cors_origin, memory_budget=args.memory_budget_mb << 20,
-                             max_queue=args.max_queue)
+                             max_queue=args.max_queue, webui=not args.no_webui,
+                             slot_save_path=args.slot_save_path, metrics=args.metrics)
     except OSError:
         target.close() if isinstance(target, SlotPool) else llm.close()
         raise
@@ -781,6 +885,8 @@ def cmd_serve(args) -> int:
     sys.stderr.write(f"lminf: serving {server.model_id} ({llm.mode}, G = {llm.n_global}, L = {llm.n_local}, "
                      f"{args.parallel} slot{'s' * (args.parallel > 1)}) "
                      f"on {server.url}/v1 {'(API key required) ' if server.api_key else ''}- Ctrl-C to stop\n")
+    if server.webui:
+        sys.stderr.write(f"lminf: chat page: open {server.url}/ in a browser\n")
     sys.stderr.flush()
     try:
         server.serve_forever()

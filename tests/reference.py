@@ -468,7 +468,7 @@ class RefModel:
             if mode != "lminf":
                 raise ValueError("top-k middle tokens are defined on top of mode 'lminf'")
             extra, qd, k0 = self._topk_extra(q, k_kv, causal & ~near & ~glob, topk)
-            s = torch.where(extra, torch.einsum("ihd,jhd->hij", qd, k0) * scale, s)
+            s = torch.where(extra, self._softcap(torch.einsum("ihd,jhd->hij", qd, k0) * scale), s)  # gemma2: capped too
             visible = visible | extra
 
         s = s.masked_fill(~visible, float("-inf"))
@@ -488,27 +488,52 @@ class RefModel:
         hp = self.hp
         t = self.t
         p = f"blk.{il}."
-        if topk is not None:
-            raise ValueError("top-k middle tokens need RoPE")
         T = q.shape[0]
-        s = torch.einsum("ihd,jhd->hij", q, k) * scale
+        s0 = torch.einsum("ihd,jhd->hij", q, k) * scale
         d = dist.to(DT)
         if mode == "lminf":  # the ceiling: a sink beyond the window is biased as if it were at distance C
             d = torch.where(dist < n_local, d, torch.full_like(d, float(dist_max)))
-        s = s - alibi_slopes(hp.n_head, hp.alibi_max_bias)[:, None, None] * d[None]
+        slopes = alibi_slopes(hp.n_head, hp.alibi_max_bias)[:, None, None]
+        s = s0 - slopes * d[None]
         if mode == "vanilla":
             visible = causal
         elif mode in ("mask", "lminf"):
             visible = causal & ((dist < n_local) | (pj < n_global))
         else:
             raise ValueError(f"unknown mode {mode!r}")
-        s = s.masked_fill(~visible[None], float("-inf"))
+        if topk is not None and il >= topk.layer:
+            if mode != "lminf":
+                raise ValueError("top-k middle tokens are defined on top of mode 'lminf'")
+            extra = self._topk_extra_alibi(q, k, causal & (dist >= n_local) & (pj >= n_global), topk)
+            s = torch.where(extra, s0 - slopes * float(topk.dist), s)  # the chosen keys at distance topk.dist
+            visible = visible[None] | extra  # [H, T, T]
+        s = s.masked_fill(~visible, float("-inf"))
         a = torch.softmax(s, dim=-1)
         o = torch.einsum("hij,jhd->ihd", a, v).reshape(T, hp.n_head * hp.head_dim)
         o = o @ t[p + "attn_output.weight"].T
         if p + "attn_output.bias" in t:
             o = o + t[p + "attn_output.bias"]
         return o
+
+    def _topk_extra_alibi(self, q, k, middle, topk):
+        """_topk_extra for ALiBi (q, k [T, H, D], k repeated over the query heads): nothing is rotated; each KV head
+        keeps the middle keys of the highest q.k (summed over its query heads), as the bias -slope_h * topk.dist is
+        the same for every middle key of a head."""
+        hp = self.hp
+        rep = hp.n_head // hp.n_head_kv
+        T = q.shape[0]
+        k_kv = k[:, ::rep]  # [T, Hkv, D]
+        extra = torch.zeros(hp.n_head, T, T, dtype=torch.bool)
+        for i in topk.rows:
+            mid = torch.nonzero(middle[i]).flatten()
+            if len(mid) == 0:
+                continue
+            for hk in range(hp.n_head_kv):
+                q_sel = q[i, hk * rep:(hk + 1) * rep].sum(0)
+                cand = topk.candidates(i, mid, k_kv, q_sel, hk)
+                best = torch.topk(k_kv[cand, hk] @ q_sel, min(topk.k, len(cand))).indices
+                extra[hk * rep:(hk + 1) * rep, i, cand[best]] = True
+        return extra
 
     def _layernorm(self, x, name):
         t = self.t

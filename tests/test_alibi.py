@@ -4,7 +4,6 @@ Hugging Face MPT and BLOOM checkpoints."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from conftest import open_exact, random_tokens, rel_err
@@ -91,10 +90,8 @@ def test_the_ceiling_is_what_makes_it_exact(alibi_models):
     assert rel_err(got, ref.logits(tokens, mode="mask", n_global=4, n_local=8)) > 1e-2
 
 
-def test_alibi_with_learned_positions_and_topk_are_refused(alibi_models, tmp_path):
-    path, _ = alibi_models["mpt"]
-    with pytest.raises(lminf_gguf.InvalidInputError, match="needs a RoPE model"):
-        lminf_gguf.LMInfinite(path, mode="lminf-topk", n_local=8, n_batch=8, n_threads=1)
+def test_alibi_with_learned_positions_is_refused(alibi_models, tmp_path):
+    """(lminf-topk runs on ALiBi models since patch 0027: test_topk_iswa_alibi.py.)"""
     learned = write_tiny_alibi(tmp_path / "mpt-pos.gguf", arch="mpt", pos_embd=True)
     with pytest.raises(lminf_gguf.InvalidInputError, match="learned absolute position embeddings"):
         lminf_gguf.LMInfinite(learned, n_local=8, n_batch=8, n_threads=1)

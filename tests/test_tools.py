@@ -4,13 +4,12 @@ result going back into the conversation, and the real clients' default tool and 
 instructor, langchain-openai, pydantic-ai, llama-index) against an in-process server; the default model (whose
 template takes no tools) for the refusals and the no-op fields.
 
-LMINF_TEST_QWEN names another file to run the Qwen tests on (default: the packaged "qwen2.5-coder-0.5b")."""
+The Qwen file comes from conftest's qwen_path (LMINF_TEST_QWEN, else the packaged "qwen2.5-coder-0.5b")."""
 
 from __future__ import annotations
 
 import http.client
 import json
-import os
 import threading
 
 import pytest
@@ -21,8 +20,6 @@ import lminf_gguf
 from lminf_gguf import tools
 from lminf_gguf.errors import InvalidInputError
 from lminf_gguf.server import make_server, parse_chat_request
-
-QWEN = os.environ.get("LMINF_TEST_QWEN", "qwen2.5-coder-0.5b")
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
@@ -240,11 +237,8 @@ def test_call_grammar_of_rich_schemas_parses_and_generates(smol):
 # -- Qwen2.5-Coder-0.5B: forced and free calls, results, streams -------------------------------------------------
 
 @pytest.fixture(scope="module")
-def qwen():
-    try:
-        llm = lminf_gguf.LMInfinite(QWEN, n_local=1024, n_threads=1)
-    except FileNotFoundError as e:
-        pytest.skip(f"the offline Qwen2.5-Coder-0.5B model ({QWEN!r}) is not installed: {e}")
+def qwen(qwen_path):
+    llm = lminf_gguf.LMInfinite(qwen_path, n_local=1024, n_threads=1)
     served = _Served(llm)
     yield served
     served.close()

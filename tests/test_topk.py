@@ -15,7 +15,6 @@ import pytest
 from conftest import open_exact, random_tokens, rel_err
 from reference import TopK
 
-import lminf_gguf
 
 EXACT = 1e-4
 HALF = 2e-3

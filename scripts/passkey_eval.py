@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Passkey retrieval in the official LM-Infinite format, by mode and distance: the mode x length table of issue 23.
+
+The prompt (as the official repository's passkey data builds it): the task description, the distractor sentence
+"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again." repeated and joined by
+spaces, the key sentence "The pass key is K. Remember it. K is the pass key." inserted at a random place among
+them (depths spread over the whole input, seeded), then " What is the pass key? The pass key is". K is a random
+integer in [1, 10^7). Raw completion (no chat template), greedy, 8 tokens; found = the first number is K.
+
+Lengths are multiples of the window L (--times 2 4 8: 2L, 4L, 8L tokens). vanilla holds the whole prompt (n_ctx =
+the longest length + 64). Time alone, with an explicit --threads: the seconds are wall-clock per cell.
+
+    python scripts/passkey_eval.py -m qwen2.5-coder-0.5b --n-local 256 --times 2 4 8 --trials 4 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import sys
+import time
+
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+        "I will quiz you about the important information there.")
+DISTRACTOR = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+MODES = ("lminf-topk", "lminf", "vanilla")
+
+
+def prompt(tokenize, n_tokens: int, rng: random.Random):
+    """(prompt of about n_tokens tokens, key, tokens from the key sentence to the end)."""
+    key = rng.randint(1, 10**7 - 1)
+    per = len(tokenize(" ".join([DISTRACTOR] * 16))) / 16
+    fixed = len(tokenize(" ".join([TASK, NEEDLE.format(key=key), QUESTION])))
+    n = max(1, round((n_tokens - fixed) / per))
+    before = rng.randint(0, n)
+    text = " ".join([TASK] + [DISTRACTOR] * before + [NEEDLE.format(key=key)] + [DISTRACTOR] * (n - before)
+                    + [QUESTION])
+    back = len(tokenize(" ".join([NEEDLE.format(key=key)] + [DISTRACTOR] * (n - before) + [QUESTION])))
+    return text, key, back
+
+
+def found(answer: str, key: int) -> bool:
+    m = re.search(r"\d+", answer)
+    return m is not None and int(m.group(0)) == key
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-m", "--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--n-local", type=int, default=1024, help="window L (default 1024)")
+    ap.add_argument("--n-global", type=int, default=10, help="sinks G (default 10)")
+    ap.add_argument("--times", type=int, nargs="+", default=[2, 4, 8], help="lengths as multiples of L")
+    ap.add_argument("--trials", type=int, default=4, help="prompts per cell (default 4)")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, required=True, help="CPU threads (explicit: time alone)")
+    args = ap.parse_args(argv)
+
+    from lminf_gguf import LMInfinite
+
+    lengths = [t * args.n_local for t in args.times]
+    rows = {}
+    for mode in args.modes:
+        kw = dict(n_ctx=max(lengths) + 64) if mode == "vanilla" else dict(n_local=args.n_local,
+                                                                          n_global=args.n_global)
+        llm = LMInfinite(args.model, mode=mode, n_batch=min(512, args.n_local), n_threads=args.threads, **kw)
+        for times, n in zip(args.times, lengths):
+            rng = random.Random(f"{args.seed}-{n}")   # the same prompts for every mode
+            ok, far, t0 = 0, 0, time.perf_counter()
+            for _ in range(args.trials):
+                text, key, back = prompt(llm.tokenize, n, rng)
+                answer = llm.generate(text, max_tokens=8, temperature=0)
+                ok += found(answer, key)
+                far += back > args.n_local
+                print(f"{mode} {times}x: key {key} {back} tokens back: {answer.strip()[:40]!r} "
+                      f"({'found' if found(answer, key) else 'missed'})", file=sys.stderr, flush=True)
+            rows[(mode, times)] = (ok, time.perf_counter() - t0, far)
+        llm.close()
+
+    print(f"passkey, official format, {args.model}, G = {args.n_global}, L = {args.n_local}, {args.trials} prompts per "
+          f"cell, {args.threads} thread(s): found / prompts (of which k had the key behind the window; seconds for "
+          "the cell)")
+    print("| mode | " + " | ".join(f"{n:,} ({t}x L)" for t, n in zip(args.times, lengths)) + " |")
+    print("|---|" + "---|" * len(lengths))
+    for mode in args.modes:
+        cells = [f"{rows[(mode, t)][0]}/{args.trials} ({rows[(mode, t)][2]} behind; {rows[(mode, t)][1]:.0f} s)"
+                 for t in args.times]
+        print(f"| {mode} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
