@@ -34,6 +34,14 @@ ccache:
 		(apt-get install -y -qq ccache >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq ccache >/dev/null)) ; } || \
 		echo "note: ccache not available, llama.cpp will be compiled from scratch in each clone"
 
+# Debian's chromium, for the chat page's tests in a real browser (tests/test_webui.py; they skip without one)
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { [ "$$(id -u)" = 0 ] && \
+		command -v apt-get >/dev/null && (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) ; } || \
+		echo "note: chromium not available, the chat page's browser tests (tests/test_webui.py) will be skipped"
+
 # llama-cpp-python's Python layer only (its native build is switched off), from the pinned, verified sdist, unless
 # a working one is there; its library-less lib/ then gets a copy of the patched library (scripts/llama_cpp_lib.py)
 install: $(PY) ccache
@@ -50,7 +58,7 @@ TEST_DEPS = $(PY) -c "import sys; \
 	exec('try:\n import tomllib\nexcept ImportError:\n from pip._vendor import tomli as tomllib'); \
 	print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['test']))"
 
-test: install
+test: install browser
 	$(TEST_DEPS) > $(VENV)/test-requirements.txt
 	$(PIP) install --quiet -r $(VENV)/test-requirements.txt
 	$(VENV)/bin/pytest -q tests

@@ -147,10 +147,10 @@ def main() -> None:
         return
     if not args.rss:
         rows = store_bytes(args.models)
-        print("| model | store type | bytes per token | per million tokens |\n|---|---|---|---|")
+        print("| model | store type | bytes per token | GB per 10^6 tokens |\n|---|---|---|---|")
         for r in rows:
             print(f"| {r['model']} | {r['store_type']} | {r['bytes_per_token']:,} | "
-                  f"{r['bytes_per_token'] * 2**20 / 1e9:.1f} GB |")
+                  f"{r['bytes_per_token'] * 1e6 / 1e9:.2f} GB |")
     else:
         rows = []
         for cell in args.cells:

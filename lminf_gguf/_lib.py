@@ -80,7 +80,8 @@ lib = _load_library()
 llama_cpp = _private_llama_cpp(lib)   # the package: llama_cpp._internals, llama_cpp.llama_chat_format, ...
 llama_raw = llama_cpp.llama_cpp       # its raw bindings
 
-if not hasattr(lib, "llama_init_from_model_lminf"):
+# the newest function of the series (patch 0026): a library without it is a stale build
+if not hasattr(lib, "llama_init_from_model_lminf") or not hasattr(lib, "llama_lminf_topk_state_set"):
     raise ImportError(f"lminf_gguf: {lib._name} lacks the LM-Infinite functions (a stale build?); {_FIX}")
 
 _ctx_p = ctypes.c_void_p
@@ -115,14 +116,14 @@ llama_lminf_topk_store_rows = _bind("llama_lminf_topk_store_rows", [llama_raw.ll
 llama_lminf_topk_row_bytes = _bind("llama_lminf_topk_row_bytes", [llama_raw.llama_context_p_ctypes], ctypes.c_size_t)
 llama_lminf_topk_store_bytes = _bind("llama_lminf_topk_store_bytes", [llama_raw.llama_context_p_ctypes],
                                      ctypes.c_size_t)
-# the top-k store's state (patch 0026); None in a library built before it (state files of lminf-topk sessions are
-# then refused with that reason)
-_state_fns = [("llama_lminf_topk_state_size", [_ctx_p], ctypes.c_size_t),
-              ("llama_lminf_topk_state_get", [_ctx_p, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_size_t),
-              ("llama_lminf_topk_state_check", [_ctx_p, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int64),
-              ("llama_lminf_topk_state_set", [_ctx_p, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_bool)]
-(llama_lminf_topk_state_size, llama_lminf_topk_state_get, llama_lminf_topk_state_check,
- llama_lminf_topk_state_set) = (_bind(*f) if hasattr(lib, f[0]) else None for f in _state_fns)
+# the top-k store's state (patch 0026)
+llama_lminf_topk_state_size = _bind("llama_lminf_topk_state_size", [_ctx_p], ctypes.c_size_t)
+llama_lminf_topk_state_get = _bind("llama_lminf_topk_state_get", [_ctx_p, ctypes.c_void_p, ctypes.c_size_t],
+                                   ctypes.c_size_t)
+llama_lminf_topk_state_check = _bind("llama_lminf_topk_state_check", [_ctx_p, ctypes.c_char_p, ctypes.c_size_t],
+                                     ctypes.c_int64)
+llama_lminf_topk_state_set = _bind("llama_lminf_topk_state_set", [_ctx_p, ctypes.c_char_p, ctypes.c_size_t],
+                                   ctypes.c_bool)
 llama_lminf_enabled = _bind("llama_lminf_enabled", [llama_raw.llama_context_p_ctypes], ctypes.c_bool)
 llama_lminf_n_global = _bind("llama_lminf_n_global", [llama_raw.llama_context_p_ctypes], ctypes.c_int32)
 llama_lminf_n_local = _bind("llama_lminf_n_local", [llama_raw.llama_context_p_ctypes], ctypes.c_int32)

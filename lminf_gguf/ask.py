@@ -8,8 +8,9 @@ by chunk, with a progress bar), then the rest. Later turns render the whole conv
 marker, and evaluate only what follows the text the session holds, so a chat over a book never reads the book twice.
 
 The top-k middle tokens (options.FILE_MODE, "lminf-topk") are on by default here: they are what finds an answer
-that lies many windows back. A model or settings that refuse them (InvalidInputError when the session is opened)
-fall back to "lminf" with a one-line note; --mode overrides both.
+that lies many windows back, on RoPE, ALiBi and interleaved sliding-window models alike. A model or settings that
+still refuse them (e.g. layers that share their KV, or a topk_layer above the last global layer: InvalidInputError
+when the session is opened) fall back to "lminf" with a one-line note; --mode overrides both.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ Endpoints
   GET  /slots                per slot: id, is_processing, n_ctx (the window), its cache when last used
   POST /slots/{id}?action=save|restore|erase  {"filename": "..."}: state files in --slot-save-path (else 501)
   GET  /metrics              Prometheus text, llama-server's metric names (with --metrics; else 501)
-  GET  /                     the chat page (webui.py; also /index.html; GET /webui/info: its window line); off
-                             with --no-webui (then a 404)
+  GET  /                     the chat page (webui.py; also /index.html; GET /webui/info: its window line and
+                             the largest request, max_body_bytes); off with --no-webui (then a 404)
 The same paths without the /v1 prefix are accepted too. "stream": true answers with Server-Sent Events,
 `data: {chunk}` per piece and `data: [DONE]` at the end. Request fields: max_tokens (or max_completion_tokens),
 temperature, top_p, top_k, min_p, repeat_penalty, frequency_penalty, presence_penalty, logit_bias, seed, stop,

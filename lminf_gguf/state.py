@@ -78,24 +78,13 @@ def settings(llm) -> dict:
     return out
 
 
-def _store_fns(llm):
-    """The store-state functions (patch 0026), or StateError for a library without them; None outside lminf-topk."""
-    if not MODES[llm.mode].topk:
-        return None
-    if _lib.llama_lminf_topk_state_set is None:
-        raise StateError("this lminf_gguf's library cannot save the top-k store (built before patch 0026): "
-                         "reinstall it")
-    return _lib
-
-
 def _store_state(llm) -> bytes:
     """The top-k store's rows and bookkeeping (b"" outside lminf-topk): a copy, n_rows * row_bytes + 48 bytes."""
-    lib = _store_fns(llm)
-    if lib is None:
+    if not MODES[llm.mode].topk:
         return b""
-    size = lib.llama_lminf_topk_state_size(llm.ctx)
+    size = _lib.llama_lminf_topk_state_size(llm.ctx)
     buf = ctypes.create_string_buffer(size)
-    if lib.llama_lminf_topk_state_get(llm.ctx, buf, size) != size:
+    if _lib.llama_lminf_topk_state_get(llm.ctx, buf, size) != size:
         raise RuntimeError("llama.cpp could not serialise the top-k store")
     return buf.raw
 

@@ -370,7 +370,7 @@ def test_no_replacement_char_when_cut_inside_a_character(srv):
 # -- the flags, in a child process ---------------------------------------------------------------------------------
 
 def test_serve_flags_child_process(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1])] + sys.path))
+    env = dict(os.environ)  # the package this suite imports (installed, or PYTHONPATH's checkout)
     proc = subprocess.Popen([sys.executable, "-m", "lminf_gguf.cli", "serve", "--port", "0", "--n-local", "256",
                              "--threads", "1", "--slot-save-path", str(tmp_path), "--metrics", "--quiet",
                              "--no-webui"], stderr=subprocess.PIPE, text=True, env=env)

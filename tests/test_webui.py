@@ -262,7 +262,8 @@ def test_page_is_package_data():
     # wheel.packages takes every file of lminf_gguf/ that git does not ignore
     assert webui.page() == HTML.read_bytes()
     if shutil.which("git"):  # rc 128 outside a git checkout (an installed package): nothing to check there
-        ignored = subprocess.run(["git", "check-ignore", "-q", HTML.name], cwd=HTML.parent, capture_output=True)
+        source = Path(__file__).resolve().parents[1] / "lminf_gguf"  # the checkout's file (the installed one sits in
+        ignored = subprocess.run(["git", "check-ignore", "-q", HTML.name], cwd=source, capture_output=True)  # .venv)
         assert ignored.returncode != 0, "lminf_gguf/webui.html is git-ignored: it would be left out of the wheel"
 
 
@@ -505,8 +506,10 @@ def _texts(page, role):
 @needs_default_model
 def test_browser_chat_with_the_real_model(browser, tmp_path):
     """The page loads, shows the model and LM-Infinite's window, sends a message typed with Enter (Shift+Enter is
-    a new line), and the real model's reply streams into the DOM piece by piece; no console error."""
-    llm = lminf_gguf.LMInfinite(n_local=256, n_threads=2, n_gpu_layers=N_GPU_LAYERS)
+    a new line), and the real model's reply streams into the DOM piece by piece; the cache figures (GET /slots)
+    follow the reply; a file attached to the next message is read from the held conversation with the prompt's
+    progress shown, then answered; no console error."""
+    llm = lminf_gguf.LMInfinite(n_local=256, n_batch=64, n_threads=2, n_gpu_layers=N_GPU_LAYERS)
     srv = Running(llm)
     try:
         page = Page(browser)
@@ -540,9 +543,30 @@ def test_browser_chat_with_the_real_model(browser, tmp_path):
         assert "Paris" in reply, reply
         assert page.js("document.getElementById('error').hidden") is True
         assert page.js("document.getElementById('input').value") == ""
+        # the cache line, from GET /slots after the reply
+        page.wait("document.getElementById('status').textContent.includes('tokens read')", what="the cache figures")
+        status = page.js("document.getElementById('status').textContent")
+        assert status.startswith(f"Cache: lminf: window {llm.n_local}, sinks {llm.n_global}") and \
+            "tokens read" in status and "cells" in status and "rebase" in status, status
+
+        # a file with the next question: the held conversation is not read again (cache), the file is, with progress
+        notes = tmp_path / "notes.txt"
+        notes.write_text("".join(f"Room {i} of the museum shows paintings from the year {1800 + 7 * i}.\n"
+                                 for i in range(24)))
+        page.set_files("file", [notes])
+        page.wait("document.querySelector('.attachment')?.dataset.state === 'read'", what="the file to be read")
+        page.js("document.getElementById('input').value = 'Which room shows paintings from 1870?'; true")
+        page.click("send")
+        page.wait(IDLE + " && document.querySelectorAll('.msg.assistant').length === 2", timeout=60,
+                  what="the reply after the file")
+        progress = page.js(f"Object.assign({{}}, {REPLY}.dataset)")
+        assert int(progress["progress"]) >= 2, progress
+        assert progress["processed"] == progress["total"] and 0 < int(progress["cache"]) < int(progress["total"])
+        assert _texts(page, "assistant")[-1].strip(), _texts(page, "assistant")
+        assert page.js(f"{REPLY}.querySelector('.stats').textContent").startswith("read ")
         page.screenshot(tmp_path / "webui.png")
-        print(f"reply {reply!r} in {chunks} chunks (seen streaming: {seen_streaming}); "
-              f"screenshot {tmp_path / 'webui.png'}")
+        print(f"reply {reply!r} in {chunks} chunks (seen streaming: {seen_streaming}); after the file "
+              f"{_texts(page, 'assistant')[-1]!r} ({progress}); screenshot {tmp_path / 'webui.png'}")
         page.check_no_errors()
     finally:
         srv.stop()
@@ -797,7 +821,7 @@ def test_browser_attached_file_with_progress_and_stop(browser, tmp_path):
         page.click("send")
         assert page.js("document.querySelectorAll('.attachment').length") == 0  # sent with the message
         page.wait(f"document.body.dataset.state === 'busy' && {REPLY}?.dataset.progress >= 2 && "
-                  f"{REPLY}.querySelector('.progress progress')", what="the progress bar")
+                  f"!!{REPLY}.querySelector('.progress progress')", what="the progress bar")
         bar = page.js(f"{REPLY}.querySelector('.progress').textContent")
         assert bar.startswith("Reading the prompt: ") and "tokens/s" in bar, bar
         page.screenshot(tmp_path / "webui-progress.png")
@@ -818,7 +842,7 @@ def test_browser_attached_file_with_progress_and_stop(browser, tmp_path):
             "File notes.txt (19.5 KiB, 20,000 characters)"
         assert _texts(page, "user") == ["What colour is the door of house 7?"]
         page.js(f"{box}.open = true; true")
-        page.wait(f"{box}.querySelector('pre')", what="the file's text")
+        page.wait(f"!!{box}.querySelector('pre')", what="the file's text")
         assert page.js(f"{box}.querySelector('pre').textContent") == text
         # kept with the conversation
         page.open(srv.server.url + "/")
