@@ -370,10 +370,12 @@ def test_no_replacement_char_when_cut_inside_a_character(srv):
 # -- the flags, in a child process ---------------------------------------------------------------------------------
 
 def test_serve_flags_child_process(tmp_path):
-    env = dict(os.environ)  # the package this suite imports (installed, or PYTHONPATH's checkout)
+    # the package this suite imports (installed, or PYTHONPATH's checkout); cwd elsewhere than the checkout, whose
+    # lminf_gguf/ has no library unless it is on PYTHONPATH
+    env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, "-m", "lminf_gguf.cli", "serve", "--port", "0", "--n-local", "256",
                              "--threads", "1", "--slot-save-path", str(tmp_path), "--metrics", "--quiet",
-                             "--no-webui"], stderr=subprocess.PIPE, text=True, env=env)
+                             "--no-webui"], stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     try:
         line = ""
         deadline = time.time() + 120
@@ -392,5 +394,6 @@ def test_serve_flags_child_process(tmp_path):
         proc.terminate()
         proc.wait(30)
     bad = subprocess.run([sys.executable, "-m", "lminf_gguf.cli", "serve", "--slot-save-path",
-                          str(tmp_path / "absent")], capture_output=True, text=True, env=env, timeout=120)
+                          str(tmp_path / "absent")], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=tmp_path)
     assert bad.returncode != 0 and "--slot-save-path" in bad.stderr
