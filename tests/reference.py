@@ -374,20 +374,28 @@ class RefModel:
         """[H, T, T] bool: the middle keys each query head attends to (per KV head choice, see the module doc)."""
         hp = self.hp
         rep = hp.n_head // hp.n_head_kv
-        T = q.shape[0]
         qd = self.rope(q, float(topk.dist))  # [T, H, D]
         k0 = self.rope(k, 0.0)  # [T, Hkv, D]
+        extra = self._topk_choice(qd, k0, middle, topk)
+        return extra, qd, k0.repeat_interleave(rep, dim=1)
+
+    def _topk_choice(self, q, k_kv, middle, topk):
+        """[n_head, T, T] mask of the middle keys each row of topk.rows attends: per KV head the topk.k of the
+        highest q.k, q summed over the head's query heads (q [T, H, D], k_kv [T, Hkv, D] as scored)."""
+        hp = self.hp
+        rep = hp.n_head // hp.n_head_kv
+        T = q.shape[0]
         extra = torch.zeros(hp.n_head, T, T, dtype=torch.bool)
         for i in topk.rows:
             mid = torch.nonzero(middle[i]).flatten()
             if len(mid) == 0:
                 continue
             for hk in range(hp.n_head_kv):
-                q_sel = qd[i, hk * rep:(hk + 1) * rep].sum(0)
-                cand = topk.candidates(i, mid, k0, q_sel, hk)
-                best = torch.topk(k0[cand, hk] @ q_sel, min(topk.k, len(cand))).indices
+                q_sel = q[i, hk * rep:(hk + 1) * rep].sum(0)
+                cand = topk.candidates(i, mid, k_kv, q_sel, hk)
+                best = torch.topk(k_kv[cand, hk] @ q_sel, min(topk.k, len(cand))).indices
                 extra[hk * rep:(hk + 1) * rep, i, cand[best]] = True
-        return extra, qd, k0.repeat_interleave(rep, dim=1)
+        return extra
 
     def _attention(self, il, h, pos, mode, n_global, n_local, dist_max, topk=None):
         hp = self.hp
@@ -521,19 +529,7 @@ class RefModel:
         the same for every middle key of a head."""
         hp = self.hp
         rep = hp.n_head // hp.n_head_kv
-        T = q.shape[0]
-        k_kv = k[:, ::rep]  # [T, Hkv, D]
-        extra = torch.zeros(hp.n_head, T, T, dtype=torch.bool)
-        for i in topk.rows:
-            mid = torch.nonzero(middle[i]).flatten()
-            if len(mid) == 0:
-                continue
-            for hk in range(hp.n_head_kv):
-                q_sel = q[i, hk * rep:(hk + 1) * rep].sum(0)
-                cand = topk.candidates(i, mid, k_kv, q_sel, hk)
-                best = torch.topk(k_kv[cand, hk] @ q_sel, min(topk.k, len(cand))).indices
-                extra[hk * rep:(hk + 1) * rep, i, cand[best]] = True
-        return extra
+        return self._topk_choice(q, k[:, ::rep], middle, topk)  # k [T, H, D] repeated per query head: one per KV head
 
     def _layernorm(self, x, name):
         t = self.t
