@@ -694,6 +694,7 @@ class _Handler(RequestIO, BaseHTTPRequestHandler):
         score = _held_prefix_score(kwargs["messages"], kwargs.get("tools"), kwargs.get("tool_choice")) \
             if method == "create_chat_completion" else None
         slot = kwargs.pop("id_slot", None)
+        result = None
         with s.session(self, score, slot) as llm:
             if s.stopping.is_set():
                 raise RequestError(503, "the server is shutting down", code="unavailable")
@@ -705,15 +706,17 @@ class _Handler(RequestIO, BaseHTTPRequestHandler):
             with _Watch(self, llm):
                 if not kwargs["stream"]:
                     result = reshape(self._call(create, kwargs))
-                    self._send_json(200, self._named(result))
-                    return
-                chunks = self._call(create, kwargs)
-                try:
-                    self._stream(reshape(chunks), done=shape is None)
-                finally:
-                    close = getattr(chunks, "close", None)
-                    if close:
-                        close()  # stops the generation (GeneratorExit) while the slot is still held
+                else:
+                    chunks = self._call(create, kwargs)
+                    try:
+                        self._stream(reshape(chunks), done=shape is None)
+                    finally:
+                        close = getattr(chunks, "close", None)
+                        if close:
+                            close()  # stops the generation (GeneratorExit) while the slot is still held
+        if result is not None:
+            # answered once the slot is free again: a client's next request (or /slots) finds it idle
+            self._send_json(200, self._named(result))
 
     @staticmethod
     def _call(create, kwargs):
