@@ -2,7 +2,8 @@
 #
 #   make demo      install into .venv, then continue a long text file with the default model
 #   make test      install into .venv with the test extra of pyproject.toml (the Qwen model included), then run
-#                  the test suite
+#                  `make lint` and the test suite
+#   make lint      ruff check of the Python code (pyproject.toml's [tool.ruff]; ruff comes with the test extra)
 #   make install   only the install (CMAKE_ARGS="-DGGML_CUDA=on" make install for a CUDA build)
 #
 # The patched llama.cpp is compiled once per machine: ccache (installed with apt when missing) keeps the
@@ -23,7 +24,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 DEMO_FILE ?= $(shell $(PYTHON) -c "import os, sysconfig; d = sysconfig.get_paths()['stdlib']; \
 	print(next(p for p in (d + '/LICENSE.txt', d + '/argparse.py') if os.path.exists(p)))")
 
-.PHONY: install test demo bench clean ccache
+.PHONY: install test lint demo bench clean ccache
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,9 +59,15 @@ TEST_DEPS = $(PY) -c "import sys; \
 	exec('try:\n import tomllib\nexcept ImportError:\n from pip._vendor import tomli as tomllib'); \
 	print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['test']))"
 
+# ruff with pyproject.toml's [tool.ruff] (ruff comes with the test extra; installed alone here when missing)
+lint: $(PY)
+	@$(VENV)/bin/ruff --version >/dev/null 2>&1 || $(PIP) install --quiet "$$($(TEST_DEPS) | grep '^ruff')"
+	$(VENV)/bin/ruff check lminf_gguf tests scripts benchmarks
+
 test: install browser
 	$(TEST_DEPS) > $(VENV)/test-requirements.txt
 	$(PIP) install --quiet -r $(VENV)/test-requirements.txt
+	$(MAKE) --no-print-directory lint
 	$(VENV)/bin/pytest -q tests
 
 demo: install

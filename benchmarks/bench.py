@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def kv_bytes_per_cell(llm) -> int:
     from lminf_gguf._lib import llama_raw
-    m = llm._model.model
+    m = llm.model.llama_model
     n_layer = llama_raw.llama_model_n_layer(m)
     n_head, n_head_kv = llama_raw.llama_model_n_head(m), llama_raw.llama_model_n_head_kv(m)
     head_dim = llama_raw.llama_model_n_embd(m) // n_head

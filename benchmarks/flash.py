@@ -14,7 +14,7 @@ count.
 (The cost of a rebase or a context shift is measured by benchmarks/latency.py, over thousands of decoded tokens.)
 
     python benchmarks/flash.py --threads 2 --n-local 1024 --json results/flash.json
-    GGML_CUDA_FA_KQ_BIAS=1 python benchmarks/flash.py --threads 8 --n-gpu-layers 99   # a CUDA build
+    python benchmarks/flash.py --threads 8 --n-gpu-layers 99   # a CUDA build with -DGGML_CUDA_FA_KQ_BIAS=ON
 """
 
 from __future__ import annotations
@@ -148,8 +148,7 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         meta = dict(machine=platform.platform(), cpus=os.cpu_count(), threads=args.threads, n_global=args.n_global,
                     n_local=args.n_local, n_batch=args.n_batch, prefill=args.prefill, prompt=args.prompt,
-                    decode=args.decode, rounds=args.rounds, n_gpu_layers=args.n_gpu_layers,
-                    cuda_fa_kq_bias=os.environ.get("GGML_CUDA_FA_KQ_BIAS", "0"))
+                    decode=args.decode, rounds=args.rounds, n_gpu_layers=args.n_gpu_layers)
         Path(args.json).write_text(json.dumps(dict(meta=meta, rows=best), indent=1))
 
 

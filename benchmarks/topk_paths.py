@@ -2,11 +2,11 @@
 """lminf-topk on the default model: both flash-attention paths of the corrected rows against the float64 reference.
 
 On the CPU, flash attention returns each row's log-sum-exp and the middle tokens merge with it (patches 0023/0024);
-LLAMA_LMINF_FA_LSE=0 forces the older path, a second pass over K for the row's scores (0017, what GPUs run). The
+topk_fa_lse=False (the C parameter llama_lminf_topk_params.fa_lse) forces the older path, a second pass over K for
+the row's scores (what GPUs run). The
 tiny models of tests/test_topk.py never reach ggml's split-KV decode kernel (it takes n_kv >= 512) nor its tiled
 kernel in a corrected row (ubatches of 64 rows or more); the default model at L = 600 reaches both: ubatches of 1
-(decode, split-KV) and of 512 (prefill, tiled). Each engine path runs in its own process (the variable is read
-once), over held-out text, with an f16 cache and an f32 store, k = 5 from layer 4 at distance L/2; the non-flash
+(decode, split-KV) and of 512 (prefill, tiled). Each engine path runs in its own process, over held-out text, with an f16 cache and an f32 store, k = 5 from layer 4 at distance L/2; the non-flash
 path is the third row. Figures: relative error of the logits at the corrected rows that have middle tokens, against
 tests/reference.py (float64 PyTorch, the same top-k rows).
 
@@ -88,10 +88,9 @@ def main() -> None:
             for flash, lse in ((True, True), (True, False), (False, True)):
                 out = os.path.join(tmp, "out.npy")
                 kw = dict(n_global=G, n_local=L, dist_max=L, n_batch=n_batch, flash_attn=flash, n_threads=args.threads,
-                          topk=5, topk_layer=4, topk_dist=L // 2)
+                          topk=5, topk_layer=4, topk_dist=L // 2, topk_fa_lse=lse)
                 subprocess.run([sys.executable, "-c", _CHILD, os.path.join(tmp, "tokens.npy"), out, json.dumps(kw)],
-                               env=dict(os.environ, LLAMA_LMINF_FA_LSE="1" if lse else "0"), cwd=tmp, check=True,
-                               capture_output=True)
+                               cwd=tmp, check=True, capture_output=True)
                 errs.append(rel(np.load(out).astype(np.float64)[rows], want[rows]))
             print(f"| {n_batch} | {kernel} | {n} | {len(rows)} | {errs[0]:.2e} | {errs[1]:.2e} | {errs[2]:.2e} |",
                   flush=True)

@@ -60,7 +60,7 @@ class FileChat:
         self.messages: List[dict] = list(self.system)
         self.held: Optional[bytes] = None
         self.file_tokens = 0
-        self._progress = progress   # progress factory: label -> object with update_fraction(done, fraction), finish()
+        self.progress = progress  # progress factory: label -> object with update_fraction(done, fraction), finish()
 
     # -- reading the file --------------------------------------------------------------------------------------
 
@@ -82,15 +82,16 @@ class FileChat:
         return {"role": "user", "content": FILE_MARK + QUESTION_SEP + question}
 
     def _read(self, data: bytes) -> int:
-        from .responses import content_spans, tokenize_chat
+        from .responses import chat_format, content_spans, tokenize_chat
         llm = self.llm
         at = data.index(FILE_MARK.encode())
         spans = [(a, min(b, at)) for a, b in content_spans(data, self.system) if a < at]
-        add_bos = not (llm._bos_text and data.startswith(llm._bos_text.encode()))
+        bos_text = chat_format(llm).bos_text
+        add_bos = not (bos_text and data.startswith(bos_text.encode()))
         llm.reset()
         self.held = None
         llm.feed(tokenize_chat(llm, data[:at], 0, spans, add_bos) if at else [])
-        progress = self._progress("file") if self._progress else None
+        progress = self.progress("file") if self.progress else None
         n = llm.feed(self.path, add_bos=add_bos and not at, progress=progress.update_fraction if progress else None)
         if progress:
             progress.finish()
@@ -105,7 +106,7 @@ class FileChat:
     def ask(self, question: str, max_tokens: int, **sampling) -> Iterator[str]:
         """The reply to a user message, streamed: the first one is the question about the file. Only the new part
         of the conversation is evaluated (all of it, file included, if the template rewrote earlier turns)."""
-        from .responses import content_spans, fallback_template, tokenize_chat
+        from .responses import chat_format, content_spans, fallback_template, tokenize_chat
         question = question.strip()
         if not question:
             raise InvalidInputError("empty question")
@@ -120,9 +121,9 @@ class FileChat:
             self._read(data)
         spans = content_spans(data, [{"content": QUESTION_SEP + question}] if first else messages)
         tokens = tokenize_chat(llm, data, len(self.held), spans, False)
-        stops = [fallback_template(llm)[2]] if llm._template_source != "gguf" else []
+        stops = [fallback_template(llm)[2]] if not chat_format(llm).from_gguf else []
         pieces = llm.generate(tokens, fresh=False, max_tokens=max_tokens, stream=True, stop=stops, **sampling)
-        start, reply = llm._cache.n_seen, ""
+        start, reply = llm.seq.cache.n_seen, ""
         try:
             for piece in pieces:
                 reply += piece
@@ -132,7 +133,7 @@ class FileChat:
             self.messages = messages + [{"role": "assistant", "content": reply}]
             # the sequence holds the prompt and the reply as generated (up to a stop or a cancel); a prompt cut
             # short (cancelled, failed) leaves it holding part of a turn: the next turn reads the file again
-            complete = llm._cache.n_seen >= start + len(tokens)
+            complete = llm.seq.cache.n_seen >= start + len(tokens)
             self.held = data + reply.encode("utf-8", errors="replace") if complete else None
 
     # -- state files ---------------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ class FileChat:
                 not isinstance(extra.get("messages"), list):
             raise ValueError("the state file holds no conversation over a file")
         chat = cls.__new__(cls)
-        chat.llm, chat.path, chat._progress = llm, Path(info.get("file", "")), progress
+        chat.llm, chat.path, chat.progress = llm, Path(info.get("file", "")), progress
         chat.messages = list(extra["messages"])
         chat.system = [m for m in chat.messages[:1] if isinstance(m, dict) and m.get("role") == "system"]
         chat.held = info["held"].encode("utf-8", errors="surrogateescape")
@@ -168,7 +169,7 @@ def file_mode(args) -> None:
     batch no larger than the window (lminf-topk needs n_ubatch <= n_local)."""
     if args.mode is None:
         args.mode = FILE_MODE
-        args._mode_chosen = True
+        args.mode_defaulted = True  # not --mode: open_file_engine may fall back
     if MODES[args.mode].topk and args.n_local and args.batch_size == SESSION.n_batch:
         args.batch_size = min(args.batch_size, args.n_local)
 
@@ -181,7 +182,7 @@ def open_file_engine(args):
     try:
         return open_engine(args)
     except InvalidInputError as e:
-        if not getattr(args, "_mode_chosen", False) or not MODES[args.mode].topk:
+        if not getattr(args, "mode_defaulted", False) or not MODES[args.mode].topk:
             raise
         _note(f"lminf: note: {FILE_MODE} is not available here ({e}); using {DEFAULT_MODE}: no recall beyond "
               "the window")
@@ -190,13 +191,13 @@ def open_file_engine(args):
 
 
 def cmd_ask(args) -> int:
-    from .cli import _Progress
+    from .cli import Progress
     if not args.question.strip():
         raise ValueError("empty question: give the question after -f FILE")
     check_text_file(args.file)
     llm = open_file_engine(args)
     try:
-        chat = FileChat(llm, args.file, args.system, progress=_Progress)
+        chat = FileChat(llm, args.file, args.system, progress=Progress)
         chat.read()
         for piece in chat.ask(args.question, args.n_predict, **sampling_kwargs(args)):
             sys.stdout.write(piece)

@@ -31,14 +31,14 @@ from .options import (CHAT_TEMPERATURE, DEFAULT_MODE, FILE_MODE, FLASH_CHOICES, 
 
 def open_engine(args, mode=None, n_ctx=None, flash_attn="args"):
     from .engine import LMInfinite
-    if not getattr(args, "_warned", False):
+    if not getattr(args, "ignored_warned", False):  # once per command, however many sessions it opens
         for warning in ignored_options(args):
             sys.stderr.write(f"lminf: warning: {warning}\n")
-        args._warned = True
+        args.ignored_warned = True
     return LMInfinite(args.model, **engine_kwargs(args, mode, n_ctx, flash_attn))
 
 
-class _Progress:
+class Progress:
     """A tqdm bar of tokens on stderr (the total estimated from the share of the input consumed), redrawn per
     batch on a terminal; elsewhere one summary line at the end."""
 
@@ -65,9 +65,6 @@ class _Progress:
             sys.stderr.flush()
 
 
-_sampling = sampling_kwargs
-
-
 def cmd_generate(args) -> int:
     if args.file:
         source = Path(args.file)
@@ -78,13 +75,13 @@ def cmd_generate(args) -> int:
     if not source:
         raise ValueError("empty prompt: give -p TEXT or -f FILE with some text")
     llm = open_engine(args)
-    progress = _Progress("prompt")
+    progress = Progress("prompt")
     # the file is read and tokenised chunk by chunk (lminf_gguf.text), evaluated n_batch tokens at a time
     n = llm.feed(source, progress=progress.update_fraction)
     progress.finish()
     if n == 0:
         raise ValueError(f"empty prompt: {args.file} holds no text")
-    for piece in llm.generate("", fresh=False, max_tokens=args.n_predict, stream=True, **_sampling(args)):
+    for piece in llm.generate("", fresh=False, max_tokens=args.n_predict, stream=True, **sampling_kwargs(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -109,7 +106,7 @@ def cmd_chat(args) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     # chat -f: the conversation over the file (ask.FileChat) keeps its own messages, the file in the first one
-    over_file = ask.FileChat(llm, args.file, args.system, progress=_Progress) if args.file else None
+    over_file = ask.FileChat(llm, args.file, args.system, progress=Progress) if args.file else None
     if over_file:
         over_file.read()
     interactive = sys.stdin.isatty()
@@ -147,7 +144,7 @@ def cmd_chat(args) -> int:
                         llm.reset()
                         messages = list(system)
                         if over_file:
-                            over_file = ask.FileChat(llm, over_file.path, args.system, progress=_Progress)
+                            over_file = ask.FileChat(llm, over_file.path, args.system, progress=Progress)
                             over_file.read()
                         _note("conversation reset")
                     elif cmd == "/save":
@@ -162,7 +159,7 @@ def cmd_chat(args) -> int:
                         extra = llm.load_state(arg)
                         messages = list(extra.get("messages") or [])
                         # a conversation over a file continues as one (without -f too); any other as a plain chat
-                        over_file = ask.FileChat.restored(llm, extra, _Progress) if "file_chat" in extra else None
+                        over_file = ask.FileChat.restored(llm, extra, Progress) if "file_chat" in extra else None
                         _note(f"loaded {len(messages)} messages from {arg}")
                     elif cmd == "/help":
                         _note(CHAT_HELP)
@@ -188,7 +185,7 @@ def cmd_chat(args) -> int:
                 generating = False
             sys.stdout.write("\n")
             sys.stdout.flush()
-            if finish == "cancelled" or (over_file and llm._cancel.is_set()):
+            if finish == "cancelled" or (over_file and llm.seq.cancel.is_set()):
                 _note("(reply stopped)")
             messages.append({"role": "assistant", "content": reply})
     finally:
@@ -200,10 +197,10 @@ def _reply(llm, over_file, messages, args):
     """(text piece, finish reason or None) of the reply to messages[-1]: through the chat API, or with -f the
     conversation over the file (ask.FileChat, which keeps its own copy of the messages)."""
     if over_file:
-        for piece in over_file.ask(messages[-1]["content"], args.n_predict, **_sampling(args)):
+        for piece in over_file.ask(messages[-1]["content"], args.n_predict, **sampling_kwargs(args)):
             yield piece, None
         return
-    for chunk in llm.create_chat_completion(messages, max_tokens=args.n_predict, stream=True, **_sampling(args)):
+    for chunk in llm.create_chat_completion(messages, max_tokens=args.n_predict, stream=True, **sampling_kwargs(args)):
         choice = chunk["choices"][0]
         yield choice["delta"].get("content") or "", choice["finish_reason"]
 
@@ -231,7 +228,7 @@ def cmd_perplexity(args) -> int:
         llm = open_engine(args, mode, n_ctx, flash_attn=flash)
         if flash is None:
             flash = llm.cache_info()["flash_attn"]
-        progress = _Progress(mode)
+        progress = Progress(mode)
         parts, n = [], 0
         try:
             for part in llm.iter_nll(path=args.file, progress=progress.update_fraction):

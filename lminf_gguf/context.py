@@ -1,4 +1,5 @@
-"""A session's llama.cpp context: how it is created for each mode, and who may use it when.
+"""A session's llama.cpp context: how it is created for each mode, the owning wrappers of the context and its
+batch, and who may use them when.
 
 SessionUse is the rule for calls: one thread at a time (llama.cpp aborts or crashes when two threads decode in
 one context, so a second thread is refused at once with SessionBusyError rather than made to wait, which would
@@ -69,11 +70,11 @@ class SessionUse:
 
 
 def in_use(method):
-    """Run a method that touches the context or the model as a use of the session. Public entry points only: the
-    private helpers they call (_decode, inputs.piece) run inside their use."""
+    """Run a method that touches the context or the model as a use of the session (its `use`, a SessionUse). Entry
+    points only: what they call (seq.decode, inputs.piece) runs inside their use."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with self._use(self.verbose):
+        with self.use(self.verbose):
             return method(self, *args, **kwargs)
     return wrapper
 
@@ -82,7 +83,7 @@ def in_use_stream(method):
     """in_use for a generator method: the use lasts until the stream ends or is closed."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with self._use(self.verbose):
+        with self.use(self.verbose):
             yield from method(self, *args, **kwargs)
     return wrapper
 
@@ -108,25 +109,56 @@ def context_params(n_batch: int, n_ubatch: int, n_threads: Optional[int], type_k
 def new_context(llm, cparams, n_ctx: Optional[int], topk_params) -> Optional[int]:
     """A llama.cpp context for llm.mode (the caller holds the model's context lock); None when llama.cpp refuses."""
     mode = MODES[llm.mode]
-    model = llm._model.model
+    llama_model = llm.model.llama_model
     if not mode.bounded:
         cparams.n_ctx = (llm.n_global + llm.n_local + llm.n_batch) if mode.shift else (n_ctx or llm.n_ctx_train)
-        return llama_raw.llama_init_from_model(model, cparams)
+        return llama_raw.llama_init_from_model(llama_model, cparams)
     if topk_params is not None:
-        return _lib.llama_init_from_model_lminf_topk(model, cparams, llm.n_global, llm.n_local, llm.dist_max,
+        return _lib.llama_init_from_model_lminf_topk(llama_model, cparams, llm.n_global, llm.n_local, llm.dist_max,
                                                      topk_params)
-    return _lib.llama_init_from_model_lminf(model, cparams, llm.n_global, llm.n_local,
+    return _lib.llama_init_from_model_lminf(llama_model, cparams, llm.n_global, llm.n_local,
                                             llm.dist_max if mode.ceiling else 0)
 
 
+class LlamaContext:
+    """An owned llama_context (as llama-cpp-python's _internals.LlamaContext, for contexts made by new_context): ctx
+    is its pointer, None once closed. close() frees it once, from any thread, under the model's context lock (a
+    model's contexts are created and freed one at a time)."""
+
+    def __init__(self, ctx, lock: threading.Lock):
+        self.ctx, self._lock = ctx, lock
+
+    def close(self) -> None:
+        with self._lock:
+            ctx, self.ctx = self.ctx, None
+            if ctx:
+                llama_raw.llama_free(ctx)
+
+
+class LlamaBatch:
+    """An owned llama_batch of up to n_tokens tokens of one sequence (fill_batch fills it); batch is the struct, None
+    once closed. close() frees it once, from any thread."""
+
+    def __init__(self, n_tokens: int):
+        self.batch = llama_raw.llama_batch_init(n_tokens, 0, 1)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            batch, self.batch = self.batch, None
+            if batch is not None:
+                llama_raw.llama_batch_free(batch)
+
+
 def topk_params(k: int, layer_first: int, dist: int, store_type: str, seg_rows: int, block: int, n_blocks: int,
-                store_dir) -> "_lib.llama_lminf_topk_params":
-    """llama_lminf_topk_params (patches 0005-0007) from LMInfinite's top-k arguments."""
-    params = _lib.llama_lminf_topk_default_params()
+                store_dir, fa_lse: bool = True) -> "_lib.llama_lminf_topk_params":
+    """llama_lminf_topk_params (llama.h) from LMInfinite's top-k arguments: every field set here."""
+    params = _lib.llama_lminf_topk_params()
     params.k, params.layer_first, params.dist = k, layer_first, dist
     params.type, params.seg_rows = STORE_TYPES[store_type], seg_rows
     params.block, params.n_blocks = block, n_blocks
     params.dir = os.fsencode(store_dir) if store_dir is not None else None
+    params.fa_lse = fa_lse
     return params
 
 
@@ -146,7 +178,8 @@ class CacheInfo:
 
 def session_info(llm) -> dict:
     """KV cells allocated and in use, the cells bound, and where the stream stands."""
-    size, used = llm._cache.cells()
+    cache = llm.seq.cache
+    size, used = cache.cells()
     bounded = MODES[llm.mode].bounded
     swa = int(_lib.llama_lminf_cache_size_swa(llm.ctx))
     info = {
@@ -158,12 +191,12 @@ def session_info(llm) -> dict:
         "cells_used": used,
         # models with interleaved sliding-window layers: their local layers' own cache (its window + a ubatch,
         # padded by llama.cpp) comes on top of LM-Infinite's G + L + ubatch cells for the global layers
-        "cells_bound": (llm.n_global + llm.n_local + llm.n_ubatch if bounded else llm._cache.n_ctx) + swa,
+        "cells_bound": (llm.n_global + llm.n_local + llm.n_ubatch if bounded else cache.n_ctx) + swa,
         "cells_swa": swa,
-        "n_tokens": llm._cache.n_seen,
-        "position": llm._cache.pos,
-        "rebases": llm._cache.n_rebase,
-        "shifts": llm._cache.n_shift,
+        "n_tokens": cache.n_seen,
+        "position": cache.pos,
+        "rebases": cache.n_rebase,
+        "shifts": cache.n_shift,
         "flash_attn": bool(_lib.llama_lminf_flash_attn(llm.ctx)),
     }
     if MODES[llm.mode].topk:

@@ -120,7 +120,7 @@ def embed_inputs(llm, items: list, pooling: str, normalize: bool, progress) -> t
     if llama_raw.llama_pooling_type(llm.ctx) != llama_raw.LLAMA_POOLING_TYPE_NONE:
         # a context that pools in its graph pools each ubatch apart and leaves the per-token rows unset
         raise RuntimeError("the context pools in llama.cpp (pooling type not NONE): no per-token hidden states")
-    n_embd = int(llama_raw.llama_model_n_embd_out(llm.model.llama.model))
+    n_embd = int(llama_raw.llama_model_n_embd_out(llm.model.llama_model))
     vectors, n_tokens = [], 0
     llm.reset()
     llama_raw.llama_set_embeddings(llm.ctx, True)

@@ -2,7 +2,7 @@
 
 Modes
   "lminf"   (default) Λ-mask (n_global sinks + window n_local) with the distance ceiling dist_max, in flash
-            attention where the backend has its leading-column KQ bias (CPU; CUDA with GGML_CUDA_FA_KQ_BIAS=1;
+            attention where the backend has its leading-column KQ bias (CPU; CUDA built with -DGGML_CUDA_FA_KQ_BIAS=ON;
             others fall back to the non-flash path under flash_attn=None), else in the non-flash path; both
             are exact.
   "lminf-topk"  "lminf" plus the top-k middle tokens of the paper's later version: every token's key and value
@@ -29,9 +29,10 @@ call cancels it and frees the context when it returns (or when its stream is clo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -39,11 +40,12 @@ from . import _lib, embeddings, generate, inputs, responses, rpc, state
 from ._lib import llama_raw
 from .cache import SequenceCache
 from . import context
-from .context import SessionUse, context_params, in_use, in_use_stream, new_context
+from .context import LlamaBatch, LlamaContext, SessionUse, context_params, in_use, in_use_stream, new_context
 from .errors import Cancelled, ContextFullError, InvalidInputError, SessionBusyError, StateError
 from .models import Model, check_cache_types, lminf_defaults
-from .options import MODES, SAMPLING, SESSION, TOPK, check_session_args, sampling_args
+from .options import MODES, SAMPLING, SESSION, TOPK, Sampling, check_session_args, sampling_keywords
 from .responses import CHATML_TEMPLATE
+from .sequence import SequenceState
 
 __all__ = ["LMInfinite", "ContextFullError", "Cancelled", "StateError", "SessionBusyError", "InvalidInputError",
            "MODES", "CHATML_TEMPLATE"]
@@ -79,6 +81,14 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
     topk_block, topk_blocks ("lminf-topk"): block index; with topk_block > 0 (dividing store_segment) a query
         scores blocks of topk_block keys by an upper bound (element-wise min/max) and scans the keys of its
         topk_blocks best blocks per segment only, instead of every middle key.
+    topk_fa_lse ("lminf-topk", flash attention): True (default) corrects each ubatch's last row with the log-sum-exp
+        flash attention returns where the device computes it (the CPU); False takes the second pass over K of the
+        devices that do not (the same softmax summed another way; for comparisons).
+
+    What the modules that run a session share with it: seq (sequence.SequenceState: cache bookkeeping, last logits,
+    held text and token ids, the cancel request, decode), chat_format (responses.ChatFormat), use (the
+    context.SessionUse that in_use methods run under), model (models.Model; model.llama: llama-cpp-python's
+    LlamaModel) and ctx (the llama_context pointer).
     """
 
     def __init__(self, model: Union[str, os.PathLike, Model, None] = None, *, n_global: Optional[int] = None,
@@ -89,10 +99,14 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
                  topk: int = TOPK.k, topk_layer: int = TOPK.layer_first, topk_dist: Optional[int] = None,
                  store_type: str = TOPK.store_type, store_dir: Union[str, os.PathLike, None] = None,
                  store_segment: int = TOPK.seg_rows, topk_block: int = TOPK.block, topk_blocks: int = TOPK.n_blocks,
+                 topk_fa_lse: bool = True,
                  rpc_servers: Optional[str] = None, rpc_timeout: Optional[float] = None, verbose: bool = False):
+        # what this session owns (its model unless shared, context, batch), freed in reverse order by _free
+        self._owned = contextlib.ExitStack()
         self._cancel = threading.Event()
         self._rpc_cancel = rpc.DecodeCancel(None)  # cancel() cuts a wait for a stalled RPC server (set below)
-        self._use = SessionUse(self._free, self._cancel)  # one thread at a time; close() from any thread
+        # the rule for calls (context.SessionUse): one thread at a time; close() from any thread
+        self.use = SessionUse(self._free, self._cancel)
         self.verbose = verbose  # llama.cpp's log on stderr during this session's calls (lminf_gguf._lib.verbosity)
         check_session_args(mode=mode, n_global=n_global, n_local=n_local, dist_max=dist_max, n_batch=n_batch,
                            n_ubatch=n_ubatch, n_ctx=n_ctx, type_k=type_k, type_v=type_v, topk=topk,
@@ -106,11 +120,12 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
             raise InvalidInputError("lminf-topk does not run over RPC servers (its store reads the cache here)")
         self.model = model if not self._own_model else Model(
             model, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers, rpc_timeout=rpc_timeout, verbose=verbose)
+        if self._own_model:
+            self._owned.callback(self.model.close)
         if self.model.llama is None:
             raise InvalidInputError("the shared Model is closed")
         self.model.check_servers()
         self._rpc_cancel = rpc.DecodeCancel(self.model.rpc_servers)
-        self._model = self.model.llama
         self.model_path = self.model.path
         self.metadata = self.model.metadata
         self.n_ctx_train = self.model.n_ctx_train
@@ -124,12 +139,7 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
         self.n_ubatch = min(n_ubatch or n_batch, n_batch)
         self.type_k, self.type_v = type_k, type_v
         check_cache_types(self.metadata, type_k, type_v)
-        self._last: Optional[np.ndarray] = None    # logits after the last evaluated token
-        self._text: Optional[bytearray] = None     # the text the sequence holds, when known (chat reuse)
-        self._tokens: Optional[list] = None        # ... and its token ids, as evaluated (None with _text)
-        self._formatter = None
-        self._template_source = None
-        self._bos_text = ""
+        self.chat_format: Optional[responses.ChatFormat] = None  # the chat template, read on first use
 
         cparams = context_params(n_batch, self.n_ubatch, n_threads, type_k, type_v, flash_attn)
 
@@ -144,7 +154,7 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
             self.topk_dist = topk_dist or max(1, self.n_local // 2)
             self.store_type = store_type
             topk_params = context.topk_params(topk, topk_layer, self.topk_dist, store_type, store_segment, topk_block,
-                                              topk_blocks, store_dir)
+                                              topk_blocks, store_dir, topk_fa_lse)
         with self.model.context_lock, _lib.verbosity(verbose):
             _lib.last_errors()
             ctx = new_context(self, cparams, n_ctx, topk_params)
@@ -154,38 +164,37 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
                 raise InvalidInputError(f"{self.model_path}: {reason}")
             raise RuntimeError(f"llama.cpp could not create a {mode} context for {self.model_path} "
                                "(run with verbose=True for its log)")
-        self.ctx = ctx
-        self._batch = llama_raw.llama_batch_init(n_batch, 0, 1)
+        self._context = LlamaContext(ctx, self.model.context_lock)
+        self._owned.callback(self._context.close)
+        batch = LlamaBatch(n_batch)
+        self._owned.callback(batch.close)
         # llama.cpp may grant less than asked (n_batch is capped at n_ctx, e.g. a small vanilla n_ctx or a small
         # trained context) and aborts the process on a batch above what it granted: never hand it more
         self.n_batch = min(self.n_batch, int(llama_raw.llama_n_batch(ctx)))
         self.n_ubatch = min(self.n_ubatch, int(llama_raw.llama_n_ubatch(ctx)), self.n_batch)
         n_batch = self.n_batch
 
-        self._cache = SequenceCache.for_session(ctx, MODES[mode], self.n_global, self.n_local, n_batch, rebase_at)
+        cache = SequenceCache.for_session(ctx, MODES[mode], self.n_global, self.n_local, n_batch, rebase_at)
+        # the sequence's state as the other modules use it (sequence.py)
+        self.seq = SequenceState(self._context, batch, cache, self.n_vocab, self.model, self._rpc_cancel, self._cancel)
 
     # -- lifetime ---------------------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Free the context (and the model, unless it is a shared Model). Safe from any thread: a call in progress
         is cancelled and the context is freed when it returns; later calls raise RuntimeError."""
-        use = getattr(self, "_use", None)
+        use = getattr(self, "use", None)  # None: __init__ failed before it (called from __del__)
         if use is not None:
             self.cancel()  # also cuts a wait for a stalled RPC server (use.close() cancels the rest)
             use.close()
 
     def _free(self) -> None:
-        if getattr(self, "_batch", None) is not None:
-            llama_raw.llama_batch_free(self._batch)
-            self._batch = None
-        if getattr(self, "ctx", None):
-            with self.model.context_lock:
-                llama_raw.llama_free(self.ctx)
-            self.ctx = None
-        if getattr(self, "_model", None) is not None:
-            if self._own_model:
-                self.model.close()
-            self._model = None
+        self._owned.close()  # the batch, the context, then the model if it is this session's own
+
+    @property
+    def ctx(self):
+        """The llama_context pointer, for llama.cpp's functions (None once the session is freed)."""
+        return self._context.ctx
 
     def __enter__(self):
         return self
@@ -202,20 +211,18 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
     def tokenize(self, text: Union[str, bytes], add_bos: bool = True, special: bool = False) -> list[int]:
         if isinstance(text, str):
             text = text.encode("utf-8", errors="replace")
-        return self._model.tokenize(text, add_bos, special)
+        return self.model.llama.tokenize(text, add_bos, special)
 
     @in_use
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self._model.detokenize(inputs.token_ids(self.n_vocab, tokens)).decode("utf-8", errors="replace")
+        return self.model.llama.detokenize(inputs.token_ids(self.n_vocab, tokens)).decode("utf-8", errors="replace")
 
     # -- evaluation -------------------------------------------------------------------------------------------
 
     @in_use
     def reset(self) -> None:
         """Start a fresh sequence."""
-        self._cache.reset()
-        self._last = None
-        self._text = self._tokens = None
+        self.seq.reset()
 
     def cancel(self) -> None:
         """Ask the call in progress (from another thread, or a signal handler) to stop at the next token or batch.
@@ -228,33 +235,13 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
         self._cancel.set()
         self._rpc_cancel.cancel()
 
-    def _decode(self, tokens: Sequence[int], all_logits: bool) -> Optional[np.ndarray]:
-        n = len(tokens)
-        pos = self._cache.reserve(n)
-        context.fill_batch(self._batch, tokens, pos, self.n_vocab, all_logits)
-        self.model.check_servers()
-        with self._rpc_cancel.decoding():
-            rc = llama_raw.llama_decode(self.ctx, self._batch)
-            # the backends (RPC answers too) finish here, so the check below sees a server that failed in this decode
-            llama_raw.llama_synchronize(self.ctx)
-        self.model.check_servers()  # a server that went away during the call: zeros came back, not an abort
-        if rc != 0:
-            self._text = self._tokens = None
-            raise RuntimeError(f"llama_decode failed with code {rc} at stream position {self._cache.n_seen}")
-        self._cache.advance(n)
-        n_out = n if all_logits else 1
-        ptr = llama_raw.llama_get_logits(self.ctx)
-        out = np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
-        self._last = out[-1].copy()
-        return out
-
     @in_use_stream
     def eval(self, tokens: Sequence[int], all_logits: bool = False) -> Iterator[np.ndarray]:
         """Append tokens to the sequence, n_batch at a time; yield each batch's logits (views, copy to keep)."""
         tokens = inputs.token_ids(self.n_vocab, tokens)
-        self._text = self._tokens = None
+        self.seq.forget_text()
         for start in range(0, len(tokens), self.n_batch):
-            yield self._decode(tokens[start:start + self.n_batch], all_logits)
+            yield self.seq.decode(tokens[start:start + self.n_batch], all_logits)
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits [n, n_vocab] (float32) of every position of a fresh sequence."""
@@ -277,7 +264,7 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
         """
         self._cancel.clear()
         if add_bos is None:
-            add_bos = self._cache.n_seen == 0
+            add_bos = self.seq.cache.n_seen == 0
         blocks, fraction = inputs.token_blocks(self, source, path, add_bos)
         return inputs.feed(self, blocks, fraction, progress)
 
@@ -307,43 +294,43 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
 
     # -- generation -------------------------------------------------------------------------------------------
 
-    def generate(self, prompt: Union[str, Sequence[int]], max_tokens: int = 128,
-                 temperature: float = SAMPLING.temperature, top_k: int = SAMPLING.top_k,
-                 top_p: float = SAMPLING.top_p, min_p: float = SAMPLING.min_p,
-                 repeat_penalty: float = SAMPLING.repeat_penalty, seed: Optional[int] = None,
+    @sampling_keywords(SAMPLING)
+    def generate(self, prompt: Union[str, Sequence[int]], max_tokens: int = 128, *,
                  stop: Union[str, Iterable[str], None] = None, stream: bool = False,
                  progress: Optional[Callable[[int, int], None]] = None, fresh: bool = True,
-                 frequency_penalty: float = SAMPLING.frequency_penalty,
-                 presence_penalty: float = SAMPLING.presence_penalty, logit_bias: Optional[Dict[int, float]] = None,
-                 grammar=None) -> Union[str, Iterator[str]]:
+                 **sampling) -> Union[str, Iterator[str]]:
         """Continue a prompt of any length: the text, or an iterator of pieces (stream).
 
         fresh=False appends the prompt (which may then be empty) to the current sequence instead of starting a
-        new one. progress(done, total) is called after each batch of the prompt. frequency_penalty and
-        presence_penalty (OpenAI's, over the last 64 tokens), logit_bias ({token id: bias}) and grammar (a
-        llama-cpp-python LlamaGrammar) as llama-cpp-python names them.
+        new one. progress(done, total) is called after each batch of the prompt. sampling: the keywords of
+        options.Sampling, with llama-cpp-python's names and defaults: temperature, top_k, top_p, min_p,
+        typical_p, repeat_penalty, frequency_penalty and presence_penalty (OpenAI's, over the last 64 tokens),
+        seed, logit_bias ({token id: bias}) and grammar (a llama-cpp-python LlamaGrammar).
         """
         self._cancel.clear()
-        tokens = self._prompt_tokens(prompt, fresh)
+        tokens = self.prompt_tokens(prompt, fresh)
         if not tokens and fresh:
             raise InvalidInputError("empty prompt")
-        sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty,
-                                  presence_penalty, logit_bias, grammar)
-        pieces = self._generate(tokens, fresh, max_tokens, sampling, generate.stop_list(stop), progress, None, {})
+        sampling = self.sampling_settings(sampling)
+        pieces = self.generate_pieces(tokens, fresh, max_tokens, sampling, generate.stop_list(stop), progress, None, {})
         return pieces if stream else "".join(pieces)
 
-    def _sampling(self, *args) -> dict:
-        """options.sampling_args, checked against this session's vocabulary."""
-        return generate.check_sampling(self, sampling_args(*args))
+    def sampling_settings(self, given: dict, base: Sampling = SAMPLING) -> dict:
+        """The sampling keywords given (options.Sampling's) over base's defaults, checked (Sampling.checked) and
+        against this session's vocabulary (generate.check_sampling): generate.pieces' sampling keywords."""
+        return generate.check_sampling(self, Sampling.checked(base, **given).kwargs())
 
-    def _prompt_tokens(self, prompt, fresh: bool) -> list:
+    def prompt_tokens(self, prompt: Union[str, Sequence[int]], fresh: bool) -> list:
+        """A prompt's token ids: text tokenised (with a BOS when it starts a sequence), ids checked."""
         if isinstance(prompt, str):
-            return self.tokenize(prompt, add_bos=fresh or self._cache.n_seen == 0) if prompt else []
+            return self.tokenize(prompt, add_bos=fresh or self.seq.cache.n_seen == 0) if prompt else []
         return inputs.token_ids(self.n_vocab, prompt)
 
     @in_use_stream
-    def _generate(self, tokens, fresh, max_tokens, sampling: dict, stops, progress, text: Optional[bytes],
-                  info: dict, logprobs: Optional[int] = None, prompt_logprobs: bool = False) -> Iterator[str]:
-        """generate.pieces() as a use of this session (it lasts until the stream ends or is closed)."""
+    def generate_pieces(self, tokens, fresh, max_tokens, sampling: dict, stops, progress, text: Optional[bytes],
+                        info: dict, logprobs: Optional[int] = None, prompt_logprobs: bool = False) -> Iterator[str]:
+        """generate.pieces() as a use of this session (it lasts until the stream ends or is closed): the text pieces
+        of a reply to prompt tokens (prompt_tokens), with sampling_settings' keywords and stop strings; info gets the
+        finish reason, token counts and token records (see generate.pieces). The generation calls run on it."""
         yield from generate.pieces(self, tokens, fresh, max_tokens, stops=stops, progress=progress, text=text,
                                    info=info, logprobs=logprobs, prompt_logprobs=prompt_logprobs, **sampling)

@@ -9,7 +9,12 @@ class LMInfiniteError(Exception):
 
 
 class InvalidInputError(LMInfiniteError, ValueError):
-    """A value the caller passed is not acceptable (a token id outside the vocabulary, an empty prompt, ...)."""
+    """A value the caller passed is not acceptable (a token id outside the vocabulary, an empty prompt, ...);
+    param: the argument (or request field) it is about, where one is named (an HTTP server's 400 names it)."""
+
+    def __init__(self, *args, param=None):
+        super().__init__(*args)
+        self.param = param
 
 
 class InvalidTypeError(LMInfiniteError, TypeError):

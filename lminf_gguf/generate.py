@@ -14,12 +14,12 @@ from . import inputs
 from ._lib import llama_cpp, llama_raw
 from .errors import InvalidInputError
 from .grammar import check_gbnf
-from .options import MODES
+from .options import MODES, Sampling
 
 
 def check_sampling(llm, sampling: dict) -> dict:
-    """options.sampling_args' result checked against this session: logit_bias ids in the vocabulary, a grammar
-    that llama.cpp parses (tried once here, before any prompt is evaluated)."""
+    """Sampling.checked's settings (as keywords) checked against this session: logit_bias ids in the vocabulary,
+    a grammar that llama.cpp parses (tried once here, before any prompt is evaluated)."""
     for tok in (sampling.get("logit_bias") or {}):
         if not 0 <= tok < llm.n_vocab:
             raise InvalidInputError(f"logit_bias: token id {tok} outside the vocabulary [0, {llm.n_vocab})")
@@ -38,18 +38,19 @@ def _grammar_sampler(llm, grammar):
     check_gbnf(text, "grammar")
     check_gbnf(root, "grammar root")
     text, root = text.encode("utf-8", "surrogatepass"), root.encode("utf-8", "surrogatepass")
-    sampler = llama_raw.llama_sampler_init_grammar(llm._model.vocab, text, root)
+    sampler = llama_raw.llama_sampler_init_grammar(llm.model.llama.vocab, text, root)
     if not sampler:
         raise InvalidInputError("the grammar does not parse (llama.cpp's grammar parser refused it)")
     return sampler
 
 
-def make_sampler(llm, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
-                 seed: Optional[int], frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                 logit_bias=None, grammar=None, typical_p: float = 1.0):
-    """llama.cpp's sampler chain for these settings (greedy when temperature <= 0): logit bias, penalties of the
-    last 64 tokens, a grammar (llama-cpp-python's LlamaGrammar), then the samplers in llama.cpp's default order
-    (top-k, typical, top-p, min-p, temperature)."""
+def make_sampler(llm, **settings):
+    """llama.cpp's sampler chain for these settings (options.Sampling's keywords, checked already; greedy when
+    temperature <= 0): logit bias, penalties of the last 64 tokens, a grammar (llama-cpp-python's LlamaGrammar),
+    then the samplers in llama.cpp's default order (top-k, typical, top-p, min-p, temperature)."""
+    s = Sampling(**settings)
+    temperature, logit_bias, grammar = s.temperature, s.logit_bias, s.grammar
+    repeat_penalty, frequency_penalty, presence_penalty = s.repeat_penalty, s.frequency_penalty, s.presence_penalty
     sampler = llama_cpp._internals.LlamaSampler()
     if logit_bias:
         sampler.add_logit_bias(llm.n_vocab, logit_bias)
@@ -60,13 +61,13 @@ def make_sampler(llm, temperature: float, top_k: int, top_p: float, min_p: float
     if temperature <= 0:
         sampler.add_greedy()
         return sampler
-    sampler.add_top_k(top_k)
-    if typical_p < 1.0:
-        sampler.add_typical(typical_p, 1)
-    sampler.add_top_p(top_p, 1)
-    sampler.add_min_p(min_p, 1)
+    sampler.add_top_k(s.top_k)
+    if s.typical_p < 1.0:
+        sampler.add_typical(s.typical_p, 1)
+    sampler.add_top_p(s.top_p, 1)
+    sampler.add_min_p(s.min_p, 1)
     sampler.add_temp(temperature)
-    sampler.add_dist(seed if seed is not None else llama_raw.LLAMA_DEFAULT_SEED)
+    sampler.add_dist(s.seed if s.seed is not None else llama_raw.LLAMA_DEFAULT_SEED)
     return sampler
 
 
@@ -75,7 +76,7 @@ def ban_eog(llm, sampling: dict) -> dict:
     ignore_eos. The reply then runs to max_tokens (or a stop string)."""
     eog = llm.__dict__.get("eog_tokens")
     if eog is None:  # once per session: a walk over the vocabulary
-        vocab = llm._model.vocab
+        vocab = llm.model.llama.vocab
         eog = llm.__dict__["eog_tokens"] = [t for t in range(llm.n_vocab) if llama_raw.llama_vocab_is_eog(vocab, t)]
     return dict(sampling, logit_bias={**(sampling.get("logit_bias") or {}), **{t: -np.inf for t in eog}})
 
@@ -131,18 +132,19 @@ def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[by
         info["tokens"] = []
     if fresh:
         llm.reset()
-    prev_text, prev_tokens = llm._text, llm._tokens
-    llm._text = llm._tokens = None
+    seq = llm.seq
+    prev_text, prev_tokens = seq.text, seq.tokens
+    seq.forget_text()
     done = 0
     started = time.perf_counter()
     if prompt_logprobs:
         info["prompt"] = []
-        prev = None if fresh else llm._last
+        prev = None if fresh else seq.last
     for start in range(0, len(tokens), llm.n_batch):
-        if llm._cancel.is_set():
+        if seq.cancel.is_set():
             return
         block = tokens[start:start + llm.n_batch]
-        out = llm._decode(block, all_logits=prompt_logprobs)
+        out = seq.decode(block, all_logits=prompt_logprobs)
         if prompt_logprobs:  # row k - 1 predicts token k (one row at a time: [n_batch, n_vocab] twice is large)
             for k, tok in enumerate(block):
                 row = out[k - 1] if k else prev
@@ -158,32 +160,32 @@ def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[by
           decodes=-(-len(tokens) // llm.n_batch))
     started = time.perf_counter()
     if text is not None:
-        llm._text = bytearray(text) if fresh else (prev_text + text if prev_text is not None else None)
-        llm._tokens = list(tokens) if fresh else (prev_tokens + list(tokens) if prev_tokens is not None and
-                                                  llm._text is not None else None)
-        if llm._tokens is None:
-            llm._text = None
-    if llm._last is None:
+        seq.text = bytearray(text) if fresh else (prev_text + text if prev_text is not None else None)
+        seq.tokens = list(tokens) if fresh else (prev_tokens + list(tokens) if prev_tokens is not None and
+                                                 seq.text is not None else None)
+        if seq.tokens is None:
+            seq.text = None
+    if seq.last is None:
         raise InvalidInputError("nothing to continue: empty prompt and empty sequence")
     if max_tokens is None or max_tokens <= 0:
         max_tokens = llm.n_local if MODES[llm.mode].bounded or MODES[llm.mode].shift else \
-            llm._cache.n_ctx - llm._cache.pos
+            seq.cache.n_ctx - seq.cache.pos
     sampler = make_sampler(llm, **sampling)
     cand = llama_cpp._internals.LlamaTokenDataArray(n_vocab=llm.n_vocab)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    vocab = llm._model.vocab
+    vocab = llm.model.llama.vocab
     generated = ""   # text sampled so far
     emitted = 0      # characters of it already yielded
     hold = max((len(s) for s in stops), default=0)
     decoded = 0      # sampled tokens evaluated (llama_decode calls)
     try:
         for _ in range(max_tokens):
-            if llm._cancel.is_set():
+            if seq.cancel.is_set():
                 info["finish_reason"] = "cancelled"
                 break
             if logprobs is not None:
-                lp = log_softmax(llm._last)
-            cand.copy_logits(llm._last)
+                lp = log_softmax(seq.last)
+            cand.copy_logits(seq.last)
             llama_raw.llama_sampler_apply(sampler.sampler, ctypes.byref(cand.candidates))
             selected = cand.candidates.selected
             tok = int(cand.candidates_data.id[selected])
@@ -224,11 +226,11 @@ def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[by
             if safe > emitted:
                 yield generated[emitted:safe]
                 emitted = safe
-            llm._decode([tok], all_logits=False)
+            seq.decode([tok], all_logits=False)
             decoded += 1
-            if llm._text is not None:
-                llm._text += piece
-                llm._tokens.append(tok)
+            if seq.text is not None:
+                seq.text += piece
+                seq.tokens.append(tok)
         else:
             info["finish_reason"] = "length"
         # the bytes of a character the last token left incomplete (a reply cut by max_tokens inside a multi-byte

@@ -6,8 +6,8 @@ chain in its left-recursion check) and llama-cpp-python's JSON-schema converter 
 10^9-character literal. The defence is a size and depth check before the recursive parse, at two levels:
 
 - the schema, before the converter runs: node count, nesting, the count keywords, enum/anyOf/oneOf sizes, and
-  each regex `pattern`'s expanded size (every repeat syntax the converter reads: `{N}`, `{N,}`, `{,M}`, `{N,M}`, `*`, `+`, `?`; only
-  ASCII digits, where Python's int() would also take `1_000` or non-ASCII digits);
+  each regex `pattern`'s expanded size (every repeat syntax the converter reads: `{N}`, `{N,}`, `{,M}`, `{N,M}`,
+  `*`, `+`, `?`; only ASCII digits, where Python's int() would also take `1_000` or non-ASCII digits);
 - the GBNF text, whatever its source (a schema, a tool, a grammar given directly): its size, its rule count and
   its group nesting, which bound the parser's recursion to a known number of frames.
 

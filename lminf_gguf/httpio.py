@@ -9,11 +9,14 @@ import json
 import socket
 from typing import Optional
 
+from .errors import InvalidInputError
+from .options import check_number
+
 # a request body larger than this is refused with 413 (prompts of any length are the point, but not unbounded
 # memory for one request)
 MAX_BODY_BYTES = 64 << 20
 
-_DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout)
+DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout)
 
 
 class RequestError(Exception):
@@ -30,12 +33,32 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def _bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> RequestError:
+def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> RequestError:
+    """A 400 naming the request field it is about (param)."""
     return RequestError(400, message, param, code)
 
 
-class _ClientGone(Exception):
-    pass
+@contextlib.contextmanager
+def field_errors():
+    """An InvalidInputError of a field check (options' checks, tools.check_tools) as a 400 naming its param."""
+    try:
+        yield
+    except InvalidInputError as e:
+        raise bad_request(str(e), e.param) from None
+
+
+def body_number(body: dict, name: str, default=None, low=None, high=None, *, integer: bool = False,
+                low_open: bool = False):
+    """body[name] checked (options.check_number: a 400 naming it), or default when it is absent or null."""
+    value = body.get(name)
+    if value is None:
+        return default
+    with field_errors():
+        return check_number(name, value, low, high, integer=integer, low_open=low_open)
+
+
+class ClientGone(Exception):
+    """The client closed its connection (or sent less than it announced): nothing more is answered."""
 
 
 def _no_constant(name: str):
@@ -54,7 +77,7 @@ class RequestIO:
         chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
         length = self.headers.get("Content-Length")
         if chunked and length is not None:
-            raise _bad("a request with both Transfer-Encoding: chunked and Content-Length is ambiguous")
+            raise bad_request("a request with both Transfer-Encoding: chunked and Content-Length is ambiguous")
         if chunked:
             raw = self._read_chunked()
         else:
@@ -65,25 +88,25 @@ class RequestIO:
                 if n < 0:
                     raise ValueError
             except ValueError:
-                raise _bad("invalid Content-Length") from None
+                raise bad_request("invalid Content-Length") from None
             if n > MAX_BODY_BYTES:
                 raise RequestError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="too_large")
             with self.server.body_budget(n):
                 raw = self.rfile.read(n)
             if len(raw) < n:
-                raise _ClientGone()
-        held = getattr(self, "_held", None)  # the server's ExitStack for this request (server._dispatch)
+                raise ClientGone()
+        held = getattr(self, "_held", None)  # the server's ExitStack for this request (handler.Handler._dispatch)
         if held is not None:
             # the parsed body lives until the request ends, waiting for a slot or running: its cost is held as long
             held.enter_context(self.server.body_budget(len(raw) * getattr(self.server, "parsed_body_cost", 1)))
         try:
             body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
         except RecursionError:
-            raise _bad("the request body is nested too deeply", code="invalid_json") from None
+            raise bad_request("the request body is nested too deeply", code="invalid_json") from None
         except (UnicodeDecodeError, ValueError) as e:
-            raise _bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+            raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(body, dict):
-            raise _bad("the request body must be a JSON object", code="invalid_json")
+            raise bad_request("the request body must be a JSON object", code="invalid_json")
         return body
 
     def _read_chunked(self) -> bytes:
@@ -92,13 +115,13 @@ class RequestIO:
             while True:
                 line = self.rfile.readline(1024)
                 if not line:
-                    raise _ClientGone()
+                    raise ClientGone()
                 try:
                     size = int(line.split(b";")[0].strip(), 16)
                     if size < 0:  # int() takes "-1": rfile.read(-1) would read without limit
                         raise ValueError
                 except ValueError:
-                    raise _bad("malformed chunked request body") from None
+                    raise bad_request("malformed chunked request body") from None
                 if size == 0:
                     while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                         pass
@@ -108,7 +131,7 @@ class RequestIO:
                 budget.enter_context(self.server.body_budget(size))
                 chunk = self.rfile.read(size)
                 if len(chunk) < size:
-                    raise _ClientGone()
+                    raise ClientGone()
                 out += chunk
                 self.rfile.readline(1024)
 
@@ -120,7 +143,7 @@ class RequestIO:
             return origin
         return None
 
-    def _cors_headers(self) -> list:
+    def cors_headers(self) -> list:
         origin = self._cors_origin()
         if origin is None:
             return []
@@ -157,8 +180,8 @@ class RequestIO:
                         ("Access-Control-Max-Age", "600")]
         try:
             self.send_response(204)
-            for k, v in self._cors_headers() + headers:
+            for k, v in self.cors_headers() + headers:
                 self.send_header(k, v)
             self.end_headers()
-        except _DISCONNECTS:
+        except DISCONNECTS:
             self.close_connection = True

@@ -105,10 +105,10 @@ def feed(llm, blocks, fraction, progress) -> int:
     """Evaluate blocks of ids in batches, no logits kept (LMInfinite.feed); the tokens fed."""
     done, consumed = 0, _Consumed(blocks, fraction)
     for batch in batches(consumed.blocks, llm.n_batch):
-        if llm._cancel.is_set():
+        if llm.seq.cancel.is_set():
             raise Cancelled(f"feed cancelled after {done} tokens")
-        llm._text = llm._tokens = None
-        llm._decode(batch, all_logits=False)
+        llm.seq.forget_text()
+        llm.seq.decode(batch, all_logits=False)
         done += len(batch)
         if progress:
             progress(done, consumed(done))
@@ -121,9 +121,9 @@ def nll_stream(llm, blocks, fraction, progress) -> Iterator[np.ndarray]:
     prev = None      # logits row of the last position of the previous batch
     done, consumed = 0, _Consumed(blocks, fraction)
     for batch in batches(consumed.blocks, llm.n_batch):
-        if llm._cancel.is_set():
+        if llm.seq.cancel.is_set():
             raise Cancelled(f"nll cancelled after {done} tokens")
-        rows = llm._decode(batch, all_logits=True)
+        rows = llm.seq.decode(batch, all_logits=True)
         done += len(batch)
         parts = [] if prev is None else [nll_rows(prev[None, :], batch[:1])]
         parts.append(nll_rows(rows[:-1], batch[1:]))
@@ -140,9 +140,10 @@ def nll_stream(llm, blocks, fraction, progress) -> Iterator[np.ndarray]:
 def piece(llm, token: int) -> bytes:
     """The bytes of one token (llama.cpp's token_to_piece, no special-token rendering)."""
     # llama-cpp-python's LlamaModel.token_to_piece returns its whole buffer, NUL padding included
+    vocab = llm.model.llama.vocab
     buf = ctypes.create_string_buffer(64)
-    n = llama_raw.llama_token_to_piece(llm._model.vocab, token, buf, len(buf), 0, False)
+    n = llama_raw.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
     if n < 0:
         buf = ctypes.create_string_buffer(-n)
-        n = llama_raw.llama_token_to_piece(llm._model.vocab, token, buf, len(buf), 0, False)
+        n = llama_raw.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
     return buf.raw[:n]

@@ -1,6 +1,6 @@
 """llama-server's own API where it maps onto ours: its request fields parsed into create_*completion keywords, and
 our results shaped as its responses (POST /completion, GET /props, GET /slots, POST /slots/{id}?action=...,
-GET /metrics, /tokenize with_pieces). server.py routes the requests here; nothing here imports it.
+GET /metrics, /tokenize with_pieces). handler.py routes the requests here; nothing here imports it.
 
 Fields that have no meaning here are refused by name with the reason (n_keep: LM-Infinite keeps the first n_global
 tokens as sinks, for every request; samplers: only an order this server applies), never dropped silently.
@@ -8,20 +8,19 @@ tokens as sinks, for every request; samplers: only an order this server applies)
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
 from typing import Optional
 
 from . import grammar, inputs
-from .httpio import RequestError
-from .options import LLAMA_CPP_PYTHON, MAX_LOGPROBS, SAMPLING
+from .httpio import RequestError, bad_request, body_number, field_errors
+from .options import LLAMA_CPP_PYTHON, MAX_LOGPROBS, SAMPLING, check_return_progress
 from .responses import fallback_template
 
-__all__ = ["EXTENSION_FIELDS", "CHAT_EXTENSION_FIELDS", "COMPLETION_FIELDS", "SAMPLERS", "extensions", "check_completion",
-           "completion_shaper", "generation_settings", "props", "slots", "slot_action_args", "slot_action",
-           "slot_file", "tokenize_args", "tokenize_reply", "serve_metrics", "Metrics"]
+__all__ = ["EXTENSION_FIELDS", "CHAT_EXTENSION_FIELDS", "COMPLETION_FIELDS", "SAMPLERS", "extensions",
+           "check_completion", "completion_shaper", "generation_settings", "props", "slots", "slot_action_args",
+           "slot_action", "slot_file", "tokenize_args", "tokenize_reply", "serve_metrics", "Metrics"]
 
 # llama-server's fields that the OpenAI routes (/v1/completions, /v1/chat/completions) accept too, as llama-server
 # and vLLM do
@@ -49,72 +48,51 @@ _N_KEEP = ("'n_keep' other than 0 is not supported: LM-Infinite keeps the first 
            "serve --n-global) and a window of n_local, for every request; nothing else is pinned")
 
 
-def _bad(message: str, param: Optional[str] = None) -> RequestError:
-    return RequestError(400, message, param)
-
-
-def _number(body: dict, name: str, low, high=None, integer: bool = False):
-    value = body[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise _bad(f"'{name}' must be {'an integer' if integer else 'a number'}", name)
-    if isinstance(value, float) and not math.isfinite(value) or not low <= value <= (high if high is not None
-                                                                                      else value):
-        raise _bad(f"'{name}' must be {'an integer' if integer else 'a number'} in [{low}, "
-                   f"{high if high is not None else 'inf'}], not {value}", name)
-    return value
-
-
 def _given(body: dict, name: str) -> bool:
     return body.get(name) is not None
 
 
 def extensions(body: dict, out: dict, *, chat: bool, max_tokens_limit: int) -> dict:
-    """Apply llama-server's fields of body to out, the create_*completion keywords server.py parsed from the
+    """Apply llama-server's fields of body to out, the create_*completion keywords schema.py parsed from the
     OpenAI fields; out["id_slot"] (the slot asked for) is for the server, which takes it out. Returns out."""
     if _given(body, "n_predict"):  # llama-server's name of max_tokens; -1: until the end of generation
-        n = _number(body, "n_predict", -1, max_tokens_limit, integer=True)
+        n = body_number(body, "n_predict", None, -1, max_tokens_limit, integer=True)
         if n == 0:
-            raise _bad("'n_predict' must be -1 (until the end of generation, at most the window n_local) or "
-                       ">= 1; 0 (evaluate the prompt only) is not supported", "n_predict")
+            raise bad_request("'n_predict' must be -1 (until the end of generation, at most the window n_local) or "
+                              ">= 1; 0 (evaluate the prompt only) is not supported", "n_predict")
         if _given(body, "max_tokens") and body["max_tokens"] != n:
-            raise _bad("'n_predict' and 'max_tokens' disagree", "n_predict")
+            raise bad_request("'n_predict' and 'max_tokens' disagree", "n_predict")
         out["max_tokens"] = None if n == -1 else n
     for name in ("cache_prompt", "ignore_eos"):
         if _given(body, name) and not isinstance(body[name], bool):
-            raise _bad(f"'{name}' must be a boolean", name)
+            raise bad_request(f"'{name}' must be a boolean", name)
     # cache_prompt: accepted either way; a chat reuses the conversation its slot holds, a completion evaluates
     # its prompt afresh (it starts a new sequence)
     if body.get("ignore_eos"):
         out["ignore_eos"] = True
-    if _given(body, "n_keep") and _number(body, "n_keep", -1, integer=True) != 0:
-        raise _bad(_N_KEEP, "n_keep")
+    if _given(body, "n_keep") and body_number(body, "n_keep", None, -1, integer=True) != 0:
+        raise bad_request(_N_KEEP, "n_keep")
     if _given(body, "id_slot"):
-        slot = _number(body, "id_slot", -1, integer=True)
+        slot = body_number(body, "id_slot", None, -1, integer=True)
         if slot >= 0:
             out["id_slot"] = slot
-    if _given(body, "typical_p") and _number(body, "typical_p", 0.0, 1.0) != 1.0:
-        out["typical_p"] = float(body["typical_p"])
     _grammar(body, out)
     if _given(body, "n_probs"):
-        n = _number(body, "n_probs", 0, MAX_LOGPROBS, integer=True)
+        n = body_number(body, "n_probs", None, 0, MAX_LOGPROBS, integer=True)
         if chat and n:
             if out.get("top_logprobs", n) != n:
-                raise _bad("'n_probs' and 'top_logprobs' disagree", "n_probs")
+                raise bad_request("'n_probs' and 'top_logprobs' disagree", "n_probs")
             out.update(logprobs=True, top_logprobs=n)
         elif n:
             if out.get("logprobs", n) != n:
-                raise _bad("'n_probs' and 'logprobs' disagree", "n_probs")
+                raise bad_request("'n_probs' and 'logprobs' disagree", "n_probs")
             out["logprobs"] = n
     if _given(body, "samplers"):
         _samplers(body, out)
     if chat and _given(body, "return_progress"):
-        if not isinstance(body["return_progress"], bool):
-            raise _bad("'return_progress' must be a boolean", "return_progress")
-        if body["return_progress"] and not out.get("stream"):
-            raise _bad("'return_progress' is only allowed with 'stream': true (the progress comes as stream "
-                       "chunks)", "return_progress")
-        if body["return_progress"]:
-            out["return_progress"] = True
+        with field_errors():
+            if check_return_progress(body["return_progress"], out.get("stream")):
+                out["return_progress"] = True
     return out
 
 
@@ -123,15 +101,15 @@ def _grammar(body: dict, out: dict) -> None:
     given = [k for k in ("grammar", "json_schema") if _given(body, k)] + \
         (["response_format"] if isinstance(fmt, dict) and fmt.get("type") not in (None, "text") else [])
     if len(given) > 1:
-        raise _bad(f"'{given[0]}' and '{given[1]}' both constrain the reply: give one", given[1])
+        raise bad_request(f"'{given[0]}' and '{given[1]}' both constrain the reply: give one", given[1])
     if _given(body, "grammar"):
         if not isinstance(body["grammar"], str):
-            raise _bad("'grammar' must be GBNF text (a string)", "grammar")
+            raise bad_request("'grammar' must be GBNF text (a string)", "grammar")
         if body["grammar"].strip():
             out["grammar"] = _checked(grammar.from_gbnf, body["grammar"], "grammar")
     elif _given(body, "json_schema"):
         if not isinstance(body["json_schema"], dict):
-            raise _bad("'json_schema' must be a JSON schema (an object)", "json_schema")
+            raise bad_request("'json_schema' must be a JSON schema (an object)", "json_schema")
         out["grammar"] = _checked(grammar.from_schema, body["json_schema"], "json_schema")
 
 
@@ -139,25 +117,25 @@ def _checked(build, value, name: str):
     try:
         return build(value, name)
     except ValueError as e:  # InvalidInputError: over a bound, or a schema without a grammar
-        raise _bad(str(e), name) from None
+        raise bad_request(str(e), name) from None
 
 
 def _samplers(body: dict, out: dict) -> None:
     names = body["samplers"]
     if not isinstance(names, list) or not all(isinstance(s, str) for s in names):
-        raise _bad("'samplers' must be a list of sampler names (the string form is not supported)", "samplers")
+        raise bad_request("'samplers' must be a list of sampler names (the string form is not supported)", "samplers")
     order = [_SAMPLER_ALIASES.get(s, s) for s in names]
     unknown = [s for s in order if s not in SAMPLERS]
     if unknown or len(set(order)) < len(order) or order != sorted(order, key=SAMPLERS.index):
-        raise _bad(f"'samplers': this server applies {', '.join(SAMPLERS)} in that order (dry, top_n_sigma and "
-                   f"xtc as no-ops); a list of some of them in that order is accepted, not {names}"
-                   + (f" ({unknown[0]!r} is not one of them)" if unknown else ""), "samplers")
+        raise bad_request(f"'samplers': this server applies {', '.join(SAMPLERS)} in that order (dry, top_n_sigma and "
+                          f"xtc as no-ops); a list of some of them in that order is accepted, not {names}"
+                          + (f" ({unknown[0]!r} is not one of them)" if unknown else ""), "samplers")
     for sampler, settings in _OFF.items():
         if sampler in order:
             continue
         for name, off in settings.items():
             if _given(body, name) and body[name] != off:
-                raise _bad(f"'{name}' is set but 'samplers' leaves out {sampler}", "samplers")
+                raise bad_request(f"'{name}' is set but 'samplers' leaves out {sampler}", "samplers")
             out[name] = off
 
 
@@ -166,13 +144,13 @@ def check_completion(body: dict) -> None:
     prompt (a string or a list of token ids)."""
     unknown = sorted(k for k in body if k not in COMPLETION_FIELDS)
     if unknown:
-        raise _bad(f"unsupported field {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1
-                   else "") + "; /completion implements: " + ", ".join(sorted(COMPLETION_FIELDS)), unknown[0])
+        raise bad_request(f"unsupported field {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1
+                          else "") + "; /completion implements: " + ", ".join(sorted(COMPLETION_FIELDS)), unknown[0])
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and not all(isinstance(t, int) and not isinstance(t, bool)
                                                        for t in prompt):
-        raise _bad("/completion takes one prompt: a string or a list of token ids (several prompts: "
-                   "/v1/completions)", "prompt")
+        raise bad_request("/completion takes one prompt: a string or a list of token ids (several prompts: "
+                          "/v1/completions)", "prompt")
 
 
 def generation_settings(kwargs: dict) -> dict:
@@ -227,9 +205,10 @@ def _stop_type(choice: dict) -> tuple:
 
 
 def completion_shaper(server, kwargs: dict, prompt):
-    """For server.py's _run: shape(llm), called with the slot held before generating, returns reshape(out), which
-    turns create_completion's result (or its stream of chunks) into llama-server's /completion response (or its
-    stream: {"content", "stop": false, ...} per piece, then the whole result with "content": "" and "stop": true)."""
+    """For Handler._run (handler.py): shape(llm), called with the slot held before generating, returns
+    reshape(out), which turns create_completion's result (or its stream of chunks) into llama-server's /completion
+    response (or its stream: {"content", "stop": false, ...} per piece, then the whole result with "content": ""
+    and "stop": true)."""
     def shape(llm):
         before = dict(getattr(llm, "totals", None) or {})
         slot = server.pool.sessions.index(llm)
@@ -319,12 +298,12 @@ def slot_action_args(path: str, route: str, save_path: Optional[str]) -> tuple:
                            code="not_supported", type_="not_supported_error")
     ident = route[len("/slots/"):]
     if not (ident.isascii() and ident.isdigit() and len(ident) < 6):
-        raise _bad(f"invalid slot id {ident[:20]!r}", "id_slot")
+        raise bad_request(f"invalid slot id {ident[:20]!r}", "id_slot")
     query = path.split("?", 1)[1] if "?" in path else ""
     params = dict(p.partition("=")[::2] for p in query.split("&") if p)
     action = params.get("action")
     if action not in _ACTIONS:
-        raise _bad(f"invalid action {str(action)[:20]!r}: one of {', '.join(_ACTIONS)} (?action=...)", "action")
+        raise bad_request(f"invalid action {str(action)[:20]!r}: one of {', '.join(_ACTIONS)} (?action=...)", "action")
     return int(ident), action
 
 
@@ -332,15 +311,15 @@ def slot_file(save_path: str, body: dict) -> str:
     """The file a save or restore names ({"filename"}): a plain name inside --slot-save-path, never a path."""
     unknown = sorted(k for k in body if k != "filename")
     if unknown:
-        raise _bad(f"unsupported field {unknown[0]!r}; slot save and restore take 'filename'", unknown[0])
+        raise bad_request(f"unsupported field {unknown[0]!r}; slot save and restore take 'filename'", unknown[0])
     name = body.get("filename")
     if not isinstance(name, str) or not name:
-        raise _bad("'filename' must be a non-empty string", "filename")
+        raise bad_request("'filename' must be a non-empty string", "filename")
     if (len(name.encode("utf-8", "surrogatepass")) > 255 or name in (".", "..") or ".." in name
             or any(c in name for c in "/\\:") or any(ord(c) < 32 or ord(c) == 127 for c in name)
             or os.path.isabs(name) or name != name.strip()):
-        raise _bad(f"invalid filename {name[:60]!r}: a plain file name inside the slot save directory (no path "
-                   "separators, '..', control characters or NUL, at most 255 bytes)", "filename")
+        raise bad_request(f"invalid filename {name[:60]!r}: a plain file name inside the slot save directory (no path "
+                          "separators, '..', control characters or NUL, at most 255 bytes)", "filename")
     return os.path.join(save_path, name)
 
 
@@ -359,7 +338,7 @@ def slot_action(llm, slot: int, action: str, body: dict, save_path: str) -> dict
         return {"id_slot": slot, "filename": body["filename"], "n_saved": llm.cache_info()["n_tokens"],
                 "n_written": size, "timings": {"save_ms": ms}}
     if not os.path.isfile(path):
-        raise _bad(f"no slot file {body['filename']!r} in the slot save directory", "filename")
+        raise bad_request(f"no slot file {body['filename']!r} in the slot save directory", "filename")
     size = os.path.getsize(path)
     llm.load_state(path)
     ms = (time.perf_counter() - started) * 1000.0
@@ -376,16 +355,16 @@ def tokenize_args(body: dict) -> tuple:
     """(text, add_special, parse_special, with_pieces) of a /tokenize body (a 400 naming any other field)."""
     unknown = sorted(k for k in body if k not in TOKENIZE_FIELDS)
     if unknown:
-        raise _bad(f"unsupported field {unknown[0]!r}; /tokenize implements: " + ", ".join(sorted(TOKENIZE_FIELDS)),
-                   unknown[0])
+        raise bad_request(f"unsupported field {unknown[0]!r}; /tokenize implements: "
+                          + ", ".join(sorted(TOKENIZE_FIELDS)), unknown[0])
     text = body.get("content")
     if not isinstance(text, str):
-        raise _bad("'content' must be a string", "content")
+        raise bad_request("'content' must be a string", "content")
     flags = []
     for name in ("add_special", "parse_special", "with_pieces"):
         value = body.get(name, False)
         if not isinstance(value, bool):
-            raise _bad(f"'{name}' must be a boolean", name)
+            raise bad_request(f"'{name}' must be a boolean", name)
         flags.append(value)
     return (text, *flags)
 
@@ -417,7 +396,7 @@ def serve_metrics(handler) -> None:
     data = s.metrics.text(len(s.pool), s.waiting()).encode()
     handler.send_response(200)
     for k, v in [("Content-Type", "text/plain; version=0.0.4"), ("Content-Length", str(len(data)))] + \
-            handler._cors_headers():
+            handler.cors_headers():
         handler.send_header(k, v)
     handler.end_headers()
     if handler.command != "HEAD":

@@ -250,18 +250,19 @@ def check_cache_types(metadata: dict, type_k: str, type_v: str) -> None:
                                     f"this model's attention heads have {size}: use 'f16'")
 
 
-def read_metadata(model) -> dict:
-    """The GGUF key/value metadata as llama.cpp holds it, as text. llama-cpp-python's LlamaModel.metadata() raises
-    UnicodeDecodeError on a key or value that is not UTF-8, which a model llama.cpp loads can have: replace."""
+def read_metadata(llama_model) -> dict:
+    """The GGUF key/value metadata as llama.cpp holds it, as text (llama_model: llama.cpp's pointer). llama-cpp-python's
+    LlamaModel.metadata() raises UnicodeDecodeError on a key or value that is not UTF-8, which a model llama.cpp
+    loads can have: replace."""
     out = {}
     buf = ctypes.create_string_buffer(1024)
-    for i in range(llama_raw.llama_model_meta_count(model)):
+    for i in range(llama_raw.llama_model_meta_count(llama_model)):
         texts = []
         for read in (llama_raw.llama_model_meta_key_by_index, llama_raw.llama_model_meta_val_str_by_index):
-            n = read(model, i, buf, len(buf))
+            n = read(llama_model, i, buf, len(buf))
             if n >= len(buf):
                 buf = ctypes.create_string_buffer(n + 1)
-                read(model, i, buf, len(buf))
+                read(llama_model, i, buf, len(buf))
             texts.append(buf.value.decode("utf-8", errors="replace"))
         out[texts[0]] = texts[1]
     return out
@@ -277,6 +278,7 @@ class Model:
         then means all of them.
     rpc_timeout: seconds an RPC server may send nothing before the call fails with RemoteServerError (per process:
         rpc.set_timeout; None leaves it, default 120; 0: no bound).
+    llama: llama-cpp-python's LlamaModel (tokenize, vocab; None once closed); llama_model: llama.cpp's pointer in it.
     """
 
     def __init__(self, path=None, *, n_gpu_layers: int = 0, rpc_servers=None, rpc_timeout: Optional[float] = None,
@@ -311,21 +313,26 @@ class Model:
         if missing_bytes:  # hostile-file guard: llama_tokenize aborts on bytes the vocabulary lacks
             self.llama.tokenize = guard_tokenize(self.llama.tokenize, missing_bytes, self.path)
 
-        self.metadata = read_metadata(self.llama.model)
+        self.metadata = read_metadata(self.llama_model)
         self.n_ctx_train = self.llama.n_ctx_train()
         self.n_vocab = self.llama.n_vocab()
-        self.n_layer = llama_raw.llama_model_n_layer(self.llama.model)
+        self.n_layer = llama_raw.llama_model_n_layer(self.llama_model)
         # sessions create and free their contexts one at a time (llama.cpp does not promise that these are
         # thread-safe on one model); decoding in several contexts at once is
         self.context_lock = threading.Lock()
+
+    @property
+    def llama_model(self):
+        """llama.cpp's llama_model pointer (self.llama is llama-cpp-python's LlamaModel around it)."""
+        return self.llama.model
 
     def check_servers(self) -> None:
         """RemoteServerError when an RPC server of this model went away: what it computed since then is void."""
         failed = failed_servers(self.rpc_servers) if self.rpc_servers else []
         if failed:
-            raise RemoteServerError(f"RPC server {', '.join(failed)} went away, stopped answering or answered malformed data: the "
-                                    "results computed there since are void, and this model fails until it is "
-                                    "loaded again with the server running")
+            raise RemoteServerError(f"RPC server {', '.join(failed)} went away, stopped answering or answered "
+                                    "malformed data: the results computed there since are void, and this model "
+                                    "fails until it is loaded again with the server running")
 
     def close(self) -> None:
         if getattr(self, "llama", None) is not None:

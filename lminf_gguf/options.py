@@ -5,10 +5,11 @@ other). Engine, CLI and server read these; nothing here imports them."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Dict, Optional
 
 from .errors import InvalidInputError
 
@@ -49,56 +50,148 @@ FLASH_CHOICES = {"auto": None, "on": True, "off": False}
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """Sampling defaults (llama-cpp-python's, except chat's lower temperature)."""
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    typical_p: float = 1.0    # locally typical sampling; 1 = off
-    repeat_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    seed: Optional[int] = None
+class Range:
+    """The values a number may take: low (inclusive; exclusive with low_open) to high (inclusive), None: unbounded;
+    integer: only ints. check() is the one numeric check of the engine's arguments and the server's fields."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    integer: bool = False
+    low_open: bool = False
 
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low}, {self.high}]"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"<= {self.high}" if self.high is not None else "finite"
 
-SAMPLING = Sampling()
-
-
-def sampling_args(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty=0.0,
-                  presence_penalty=0.0, logit_bias=None, grammar=None, typical_p=1.0) -> dict:
-    """Sampling keywords checked (InvalidInputError names the first bad one; NaN and infinities included)."""
-    def number(name, value, low, high=None, low_open=False, integer=False):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-            raise InvalidInputError(f"{name} must be {'an integer' if integer else 'a number'}, not {value!r}")
-        if not math.isfinite(value) or (value <= low if low_open else value < low) or \
-                (high is not None and value > high):
-            bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-            raise InvalidInputError(f"{name} must be a finite number {bound}, not {value!r}")
+    def check(self, name: str, value):
+        """value as an int (integer) or a float; InvalidInputError naming `name` (its param) otherwise: a bool, a
+        string, NaN, an infinity, an integer beyond any float, or a value outside the range."""
+        kind = "an integer" if self.integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (self.integer and not isinstance(value, int)):
+            raise InvalidInputError(f"{name} must be {kind}, not {_shown(value)}", param=name)
+        given = value
+        if not self.integer:
+            try:
+                value = float(value)
+            except OverflowError:  # an int beyond any float (10**400): out of every range
+                value = math.inf
+        if (not self.integer and not math.isfinite(value)) or \
+                (self.low is not None and (value <= self.low if self.low_open else value < self.low)) or \
+                (self.high is not None and value > self.high):
+            kind = "an integer" if self.integer else "a finite number"
+            raise InvalidInputError(f"{name} must be {kind} {self}, not {_shown(given)}", param=name)
         return value
 
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
-        raise InvalidInputError(f"seed must be None or an integer in [0, 2^32), not {seed!r}")
-    bias = None
-    if logit_bias is not None:
-        if not isinstance(logit_bias, dict):
-            raise InvalidInputError(f"logit_bias must map token ids to numbers, not {type(logit_bias).__name__}")
+
+def _shown(value) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int with more digits than Python converts to text
+        return "a very large integer"
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def check_number(name: str, value, low=None, high=None, *, integer: bool = False, low_open: bool = False):
+    """Range(low, high, integer, low_open).check(name, value)."""
+    return Range(low, high, integer, low_open).check(name, value)
+
+
+def _setting(default, low=None, high=None, *, integer=False, low_open=False, help: str, flag: Optional[str] = None):
+    """A Sampling field: its default, its Range (metadata "range") and its help; flag: the CLI's option for it."""
+    return field(default=default, metadata={"range": Range(low, high, integer, low_open), "help": help,
+                                            "flag": flag})
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling settings, defined once: each field's default (llama-cpp-python's, except chat's lower
+    temperature: CHAT_SAMPLING), its valid values (metadata "range") and its help. LMInfinite.generate,
+    create_completion and create_chat_completion take these keywords (**sampling), the server's request fields
+    of these names go through the same check, and the CLI's flags (add_sampling_flags) come from the fields that
+    name a flag. Sampling(...) holds values as given (ban_eog's -inf biases included); Sampling.checked(...)
+    checks them (InvalidInputError naming the first bad one). seed -1 (llama-server's) means random, as None."""
+    temperature: float = _setting(0.8, 0.0, help="temperature, 0 = greedy", flag="--temp")
+    # (at most an int32: llama.cpp's type, which ctypes would truncate silently)
+    top_k: int = _setting(40, 0, 2**31 - 1, integer=True, help="top-k sampling, 0 = off", flag="--top-k")
+    top_p: float = _setting(0.95, 0.0, 1.0, help="top-p (nucleus) sampling", flag="--top-p")
+    min_p: float = _setting(0.05, 0.0, 1.0, help="min-p sampling", flag="--min-p")
+    typical_p: float = _setting(1.0, 0.0, 1.0, help="locally typical sampling, 1 = off")
+    repeat_penalty: float = _setting(1.0, 0.0, low_open=True, help="penalty of the last 64 tokens, 1 = off",
+                                     flag="--repeat-penalty")
+    frequency_penalty: float = _setting(0.0, -2.0, 2.0, help="OpenAI's frequency penalty (last 64 tokens)")
+    presence_penalty: float = _setting(0.0, -2.0, 2.0, help="OpenAI's presence penalty (last 64 tokens)")
+    seed: Optional[int] = _setting(None, -1, 2**32 - 1, integer=True, help="sampling seed, -1 = random",
+                                   flag="--seed")
+    # {token id: bias}: ids (ints, or strings of digits as JSON has them) checked against the vocabulary by the
+    # session (generate.check_sampling); at most MAX_LOGIT_BIAS of them in a request to the server
+    logit_bias: Optional[Dict[int, float]] = _setting(None, -100.0, 100.0, help="{token id: bias of its logit}")
+    # a llama-cpp-python LlamaGrammar (grammar.py builds them), parsed by the session (generate.check_sampling)
+    grammar: Any = field(default=None, metadata={"help": "a LlamaGrammar the reply must match"})
+
+    @classmethod
+    def checked(cls, base: Optional["Sampling"] = None, **given) -> "Sampling":
+        """base (default SAMPLING) with the given settings, each checked (InvalidInputError names the first bad
+        one; TypeError for a name that is not a setting)."""
+        unknown = [name for name in given if name not in SAMPLING_FIELDS]
+        if unknown:
+            raise TypeError(f"unexpected sampling keyword argument {unknown[0]!r} (the settings: "
+                            f"{', '.join(SAMPLING_FIELDS)})")
+        return replace(base or SAMPLING, **{name: check_setting(name, value) for name, value in given.items()})
+
+    def kwargs(self) -> dict:
+        """The settings as keywords (generate.make_sampler's, create_*completion's)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def sampling_keywords(base: Sampling):
+    """A decorator for a method that takes the Sampling settings as **sampling: its signature (help(), inspect)
+    shows them as keyword arguments with base's defaults."""
+    def decorate(func):
+        sig = inspect.signature(func)
+        params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=getattr(base, f.name),
+                                     annotation=f.type) for f in fields(Sampling)]
+        func.__signature__ = sig.replace(parameters=params)
+        return func
+    return decorate
+
+
+def check_setting(name: str, value):
+    """One Sampling setting checked and normalised (numbers as float or int, seed -1 as None, logit_bias keys as
+    ints); InvalidInputError naming it (param) otherwise."""
+    spec = SAMPLING_FIELDS[name]
+    if name == "grammar":
+        return value
+    if name == "seed":
+        return None if value is None else (None if spec.check(name, value) == -1 else value)
+    if name == "logit_bias":
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise InvalidInputError(f"logit_bias must map token ids to numbers, not {type(value).__name__}",
+                                    param=name)
         bias = {}
-        for key, value in logit_bias.items():
+        for key, v in value.items():
             try:
                 tok = int(key)
                 if isinstance(key, (bool, float)) or (isinstance(key, str) and not key.strip().lstrip("-").isdigit()):
                     raise ValueError
             except (TypeError, ValueError):
-                raise InvalidInputError(f"logit_bias keys must be token ids, not {key!r}") from None
-            bias[tok] = number(f"logit_bias[{key}]", value, -100.0, 100.0)
-    return dict(temperature=number("temperature", temperature, 0.0), top_k=number("top_k", top_k, 0, integer=True),
-                top_p=number("top_p", top_p, 0.0, 1.0), min_p=number("min_p", min_p, 0.0, 1.0),
-                typical_p=number("typical_p", typical_p, 0.0, 1.0),
-                repeat_penalty=number("repeat_penalty", repeat_penalty, 0.0, low_open=True),
-                frequency_penalty=number("frequency_penalty", frequency_penalty, -2.0, 2.0),
-                presence_penalty=number("presence_penalty", presence_penalty, -2.0, 2.0),
-                logit_bias=bias, grammar=grammar, seed=seed)
+                raise InvalidInputError(f"logit_bias keys must be token ids, not {_shown(key)}", param=name) from None
+            try:
+                bias[tok] = spec.check(f"logit_bias[{key}]", v)
+            except InvalidInputError as e:
+                raise InvalidInputError(str(e), param=name) from None
+        return bias
+    return spec.check(name, value)
+
+
+# name -> Range of each Sampling field (grammar: None, no range)
+SAMPLING_FIELDS = {f.name: f.metadata.get("range") for f in fields(Sampling)}
+SAMPLING = Sampling()
 
 
 CHAT_TEMPERATURE = 0.2
@@ -107,6 +200,57 @@ ASK_TEMPERATURE = 0.0
 # OpenAI-shaped calls: choices per request (n; prompts x n for completions), alternatives per token (logprobs)
 MAX_N = 16
 MAX_LOGPROBS = 20
+# token ids a server request may bias (logit_bias)
+MAX_LOGIT_BIAS = 1024
+# create_chat_completion's defaults (and the server's chat route's)
+CHAT_SAMPLING = replace(SAMPLING, temperature=CHAT_TEMPERATURE)
+
+
+# -- request options shared by the OpenAI-shaped calls and the server's request bodies (one check each) ----------
+
+def check_n(n) -> int:
+    """Choices per prompt: an integer in [1, MAX_N]."""
+    return check_number("n", n, 1, MAX_N, integer=True)
+
+
+def include_usage(stream, stream_options: Optional[dict]) -> bool:
+    """OpenAI's stream_options ({"include_usage": bool}), only with stream true: whether a stream ends with a
+    chunk of usage."""
+    if stream_options is None:
+        return False
+    if not stream:
+        raise InvalidInputError("stream_options is only allowed with stream true", param="stream_options")
+    if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"} or \
+            not isinstance(stream_options.get("include_usage", False), bool):
+        raise InvalidInputError("stream_options must be {\"include_usage\": true|false}", param="stream_options")
+    return stream_options.get("include_usage", False)
+
+
+def check_return_progress(return_progress, stream) -> bool:
+    """llama-server's return_progress: a bool, true only with stream true (the progress comes as stream chunks)."""
+    if not isinstance(return_progress, bool):
+        raise InvalidInputError("return_progress must be a boolean", param="return_progress")
+    if return_progress and not stream:
+        raise InvalidInputError("return_progress is only allowed with stream true (the progress comes as stream "
+                                "chunks)", param="return_progress")
+    return return_progress
+
+
+def check_logprobs(logprobs) -> Optional[int]:
+    """A completion's logprobs: None, or the alternatives per token, an integer in [0, MAX_LOGPROBS]."""
+    return None if logprobs is None else check_number("logprobs", logprobs, 0, MAX_LOGPROBS, integer=True)
+
+
+def check_chat_logprobs(logprobs, top_logprobs) -> Optional[int]:
+    """A chat's logprobs (None or a bool) and top_logprobs (None or an integer in [0, MAX_LOGPROBS], only with
+    logprobs true): None (no logprobs), else the alternatives per token."""
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise InvalidInputError(f"logprobs must be true or false for chat, not {_shown(logprobs)}", param="logprobs")
+    if top_logprobs is not None:
+        check_number("top_logprobs", top_logprobs, 0, MAX_LOGPROBS, integer=True)
+        if not logprobs:
+            raise InvalidInputError("top_logprobs needs logprobs true", param="top_logprobs")
+    return (top_logprobs or 0) if logprobs else None
 
 
 @dataclass(frozen=True)
@@ -188,20 +332,39 @@ def add_model_flags(p: argparse.ArgumentParser, several_modes: bool = False, mod
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, temperature: float = SAMPLING.temperature) -> None:
-    d = SAMPLING
-    p.add_argument("--temp", type=float, default=temperature, help=f"temperature, 0 = greedy (default {temperature})")
-    p.add_argument("--top-k", type=int, default=d.top_k, help=f"top-k sampling, 0 = off (default {d.top_k})")
-    p.add_argument("--top-p", type=float, default=d.top_p, help=f"top-p (nucleus) sampling (default {d.top_p})")
-    p.add_argument("--min-p", type=float, default=d.min_p, help=f"min-p sampling (default {d.min_p})")
-    p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty,
-                   help=f"penalty of the last 64 tokens, 1 = off (default {d.repeat_penalty})")
-    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    """The Sampling fields that name a flag, with their defaults, help and checks (a bad value: argparse's
+    error naming the flag); temperature: the command's default."""
+    for f in fields(Sampling):
+        flag = f.metadata.get("flag")
+        if flag is None:
+            continue
+        default = temperature if f.name == "temperature" else f.default
+        shown = "random" if default is None else default
+        p.add_argument(flag, dest=flag[2:].replace("-", "_"), type=_flag_type(f.name), default=default,
+                       help=f"{f.metadata['help']} (default {shown})")
+
+
+def _flag_type(name: str):
+    spec = SAMPLING_FIELDS[name]
+
+    def convert(text: str):
+        try:
+            value = int(text) if spec.integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if spec.integer else 'a number'}, "
+                                             f"not {text!r}") from None
+        try:
+            return check_setting(name, value)
+        except InvalidInputError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = "int" if spec.integer else "float"
+    return convert
 
 
 def sampling_kwargs(args) -> dict:
     """create_completion / generate keywords from add_sampling_flags' arguments."""
-    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repeat_penalty=args.repeat_penalty, seed=args.seed)
+    return {f.name: getattr(args, f.metadata["flag"][2:].replace("-", "_")) for f in fields(Sampling)
+            if f.metadata.get("flag")}
 
 
 def ignored_options(args) -> list:
@@ -228,9 +391,9 @@ def engine_kwargs(args, mode: Optional[str] = None, n_ctx: Optional[int] = None,
     return dict(mode=mode or args.mode, n_global=args.n_global, n_local=args.n_local, dist_max=args.dist_max,
                 n_ctx=n_ctx or args.ctx_size, n_batch=args.batch_size, flash_attn=flash, n_threads=args.threads,
                 n_gpu_layers=args.n_gpu_layers, rpc_servers=getattr(args, "rpc_servers", None),
-                rpc_timeout=getattr(args, "rpc_timeout", None), verbose=args.verbose, topk=args.topk, topk_layer=args.topk_layer,
-                topk_dist=args.topk_dist, topk_block=args.topk_block, topk_blocks=args.topk_blocks,
-                store_type=args.store_type, store_dir=args.store_dir)
+                rpc_timeout=getattr(args, "rpc_timeout", None), verbose=args.verbose, topk=args.topk,
+                topk_layer=args.topk_layer, topk_dist=args.topk_dist, topk_block=args.topk_block,
+                topk_blocks=args.topk_blocks, store_type=args.store_type, store_dir=args.store_dir)
 
 
 def check_session_args(*, mode, n_global, n_local, dist_max, n_batch, n_ubatch, n_ctx, type_k, type_v, topk,
@@ -260,7 +423,8 @@ def check_session_args(*, mode, n_global, n_local, dist_max, n_batch, n_ubatch, 
 
 
 __all__ = ["Mode", "MODES", "DEFAULT_MODE", "LLAMA_CPP_PYTHON", "KV_TYPES", "QUANTISED_KV_TYPES", "STORE_TYPES",
-           "FLASH_CHOICES", "FILE_MODE", "Sampling", "SAMPLING", "CHAT_TEMPERATURE", "ASK_TEMPERATURE",
-           "MAX_N", "MAX_LOGPROBS", "sampling_args", "TopK",
-           "TOPK", "Session", "SESSION", "default_threads", "add_model_flags", "add_sampling_flags", "sampling_kwargs", "engine_kwargs",
-           "ignored_options", "check_session_args"]
+           "FLASH_CHOICES", "FILE_MODE", "Range", "check_number", "Sampling", "SAMPLING", "SAMPLING_FIELDS",
+           "check_setting", "sampling_keywords", "CHAT_TEMPERATURE", "CHAT_SAMPLING", "ASK_TEMPERATURE", "MAX_N",
+           "MAX_LOGPROBS", "MAX_LOGIT_BIAS", "check_n", "include_usage", "check_return_progress", "check_logprobs",
+           "check_chat_logprobs", "TopK", "TOPK", "Session", "SESSION", "default_threads", "add_model_flags",
+           "add_sampling_flags", "sampling_kwargs", "engine_kwargs", "ignored_options", "check_session_args"]

@@ -9,14 +9,15 @@ import time
 import uuid
 from dataclasses import dataclass
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 from . import grammar, inputs, tools
 from ._lib import llama_cpp, llama_raw
 from .errors import InvalidInputError
 from .context import in_use
 from .generate import PromptProgress, ban_eog, stop_list
-from .options import CHAT_TEMPERATURE, MAX_LOGPROBS, MAX_N, SAMPLING
+from .options import (CHAT_SAMPLING, SAMPLING, check_chat_logprobs, check_logprobs, check_n,
+                      check_return_progress, include_usage, sampling_keywords)
 
 # the fallback chat templates when the GGUF file has none, or one that cannot be rendered: the family's own turn
 # format where the architecture says which (FALLBACK_TEMPLATES), else ChatML
@@ -29,8 +30,9 @@ CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['rol
 GEMMA_TEMPLATE = ("{{ bos_token }}{% set ns = namespace(sys='') %}{% for m in messages %}{% if m['role'] == 'system' %}"
                   "{% set ns.sys = ns.sys + m['content'] + '\\n\\n' %}{% else %}{{ '<start_of_turn>' + ('model' if "
                   "m['role'] == 'assistant' else 'user') + '\\n' + (ns.sys if m['role'] != 'assistant' else '') + "
-                  "m['content'] + '<end_of_turn>\\n' }}{% if m['role'] != 'assistant' %}{% set ns.sys = '' %}{% endif %}"
-                  "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+                  "m['content'] + '<end_of_turn>\\n' }}{% if m['role'] != 'assistant' %}{% set ns.sys = '' %}"
+                  "{% endif %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}"
+                  "{% endif %}")
 
 # general.architecture prefix -> (name, template, the string that ends the model's turn)
 FALLBACK_TEMPLATES = {"gemma": ("gemma", GEMMA_TEMPLATE, "<end_of_turn>")}
@@ -52,24 +54,6 @@ class _Run:
     text: Optional[bytes]
     echo: Optional[str]
     sampling: dict
-
-
-def _check_int(name: str, value, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidInputError(f"{name} must be an integer in [{low}, {high}], not {value!r}")
-    return value
-
-
-def include_usage(stream: bool, stream_options: Optional[dict]) -> bool:
-    """OpenAI's stream_options ({"include_usage": bool}); only with stream=True."""
-    if stream_options is None:
-        return False
-    if not stream:
-        raise InvalidInputError("stream_options is only allowed with stream=True")
-    if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"} or \
-            not isinstance(stream_options.get("include_usage", False), bool):
-        raise InvalidInputError("stream_options must be {'include_usage': true|false}")
-    return stream_options.get("include_usage", False)
 
 
 def _seeded(sampling: dict, i: int) -> dict:
@@ -118,8 +102,8 @@ def _events(llm, runs: List[_Run], max_tokens, stops, progress, logprobs: Option
         echo_logprobs = run.echo is not None and logprobs is not None
         if prompt_tokens is not None:
             progress = _reporter(prompt_tokens - len(run.tokens))
-        gen = llm._generate(run.tokens, run.fresh, max_tokens, run.sampling, stops, progress, run.text, info,
-                            logprobs=logprobs, prompt_logprobs=echo_logprobs)
+        gen = llm.generate_pieces(run.tokens, run.fresh, max_tokens, run.sampling, stops, progress, run.text, info,
+                                  logprobs=logprobs, prompt_logprobs=echo_logprobs)
         records: list = []
         taken = done = 0
         try:
@@ -224,17 +208,16 @@ def create_completion(llm, prompt, max_tokens: Optional[int], sampling: dict, st
     typical_p: locally typical sampling (1 = off); ignore_eos=True bans the end-of-generation tokens (the reply runs
     to max_tokens or a stop string), as llama-server's fields.
     """
-    llm._cancel.clear()
-    n = _check_int("n", n, 1, MAX_N)
-    if logprobs is not None:
-        _check_int("logprobs", logprobs, 0, MAX_LOGPROBS)
+    llm.seq.cancel.clear()
+    n = check_n(n)
+    logprobs = check_logprobs(logprobs)
     with_usage = include_usage(stream, stream_options)
     prompts = _prompts(prompt)
     if (len(prompts) > 1 or n > 1) and not fresh:
         raise InvalidInputError("several prompts or n > 1 need fresh=True")
     runs = []
     for p in prompts:
-        tokens = llm._prompt_tokens(p, fresh)
+        tokens = llm.prompt_tokens(p, fresh)
         if not tokens and fresh:
             raise InvalidInputError("empty prompt")
         shown = (p if isinstance(p, str) else llm.detokenize(tokens)) if echo else None
@@ -265,12 +248,27 @@ def _completion_chunks(head: dict, events, with_logprobs: bool, usage: Optional[
         yield dict(head, choices=[], usage=_usage(usage))
 
 
-def chat_formatter(llm):
-    """The Jinja2 chat formatter of this model: the GGUF tokenizer.chat_template, or fallback_template's."""
-    if llm._formatter is None:
+@dataclass
+class ChatFormat:
+    """The chat template of a session (LMInfinite.chat_format, made by chat_format on first use): its Jinja2
+    formatter, where it comes from (source: "gguf", the file's tokenizer.chat_template, else "NAME-fallback", e.g.
+    "chatml-fallback") and the text of the BOS token (a prompt rendered with it needs no BOS token added)."""
+    formatter: object
+    source: str
+    bos_text: str
+
+    @property
+    def from_gguf(self) -> bool:
+        """The GGUF file's own template (whose end of turn is an end-of-generation token, not a stop string)."""
+        return self.source == "gguf"
+
+
+def chat_format(llm) -> ChatFormat:
+    """The session's ChatFormat: the GGUF tokenizer.chat_template, or fallback_template's (read once)."""
+    if llm.chat_format is None:
         Jinja2ChatFormatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter
 
-        vocab = llm._model.vocab
+        vocab = llm.model.llama.vocab
 
         def tok_text(tok):
             return inputs.piece(llm, tok).decode("utf-8", errors="replace") if tok >= 0 else ""
@@ -285,16 +283,19 @@ def chat_formatter(llm):
             except Exception:  # a template jinja2 cannot compile or render: use the fallback
                 formatter = None
         name, fallback, _ = fallback_template(llm)
-        llm._template_source = "gguf" if formatter is not None else f"{name}-fallback"
-        llm._formatter = formatter or Jinja2ChatFormatter(fallback, eos_token=eos, bos_token=bos)
-        llm._bos_text = bos
-    return llm._formatter
+        llm.chat_format = ChatFormat(formatter or Jinja2ChatFormatter(fallback, eos_token=eos, bos_token=bos),
+                                     "gguf" if formatter is not None else f"{name}-fallback", bos)
+    return llm.chat_format
+
+
+def chat_formatter(llm):
+    """The Jinja2 chat formatter of this model: the GGUF tokenizer.chat_template, or fallback_template's."""
+    return chat_format(llm).formatter
 
 
 def chat_template(llm) -> tuple:
     """(label, Jinja2 source) of the chat template in use: the GGUF file's, or the fallback's."""
-    chat_formatter(llm)
-    if llm._template_source == "gguf":
+    if chat_format(llm).from_gguf:
         return f"the chat template of {llm.model_name}", llm.metadata["tokenizer.chat_template"]
     name, source, _ = fallback_template(llm)
     return f"the {name} fallback template ({llm.model_name} has no usable one)", source
@@ -325,7 +326,7 @@ def render_chat(llm, messages: List[dict], tool_list: Optional[list] = None) -> 
     try:
         return formatter(messages=messages, tools=tool_list).prompt
     except Exception as e:
-        if llm._template_source != "gguf":
+        if not chat_format(llm).from_gguf:
             raise
         if tool_list or calls:
             raise InvalidInputError(f"{chat_template(llm)[0]} cannot render this conversation with its tools "
@@ -339,7 +340,7 @@ def held_prefix(llm, messages: List[dict], rendered: Optional[dict] = None, tool
     only, so that a server can pick the slot that holds a conversation before taking it. rendered: a dict shared by
     the sessions of one model, so that the conversation is rendered once however many sessions are asked;
     tool_list: the tools offered (as render_chat)."""
-    held = llm._text
+    held = llm.seq.text
     if held is None or not messages:
         return 0
     rendered = {} if rendered is None else rendered
@@ -383,25 +384,19 @@ def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int],
     """
     if not messages:
         raise InvalidInputError("messages must not be empty")
-    if return_progress and not stream:
-        raise InvalidInputError("return_progress needs stream=True (the progress comes as stream chunks)")
-    llm._cancel.clear()
-    n = _check_int("n", n, 1, MAX_N)
-    if logprobs is not None and not isinstance(logprobs, bool):
-        raise InvalidInputError(f"logprobs must be true or false for chat, not {logprobs!r}")
-    if top_logprobs is not None:
-        _check_int("top_logprobs", top_logprobs, 0, MAX_LOGPROBS)
-        if not logprobs:
-            raise InvalidInputError("top_logprobs needs logprobs=True")
-    k = (top_logprobs or 0) if logprobs else None
+    check_return_progress(return_progress, stream)
+    llm.seq.cancel.clear()
+    n = check_n(n)
+    k = check_chat_logprobs(logprobs, top_logprobs)
     with_usage = include_usage(stream, stream_options)
     plan = plan or tools.ToolPlan()
     prompt = render_chat(llm, list(messages), plan.tools)
     data = prompt.encode("utf-8", errors="replace")
     spans = content_spans(data, messages, plan.tools)
-    add_bos = not (llm._bos_text and prompt.startswith(llm._bos_text))
+    fmt = chat_format(llm)
+    add_bos = not (fmt.bos_text and prompt.startswith(fmt.bos_text))
     tokens = tokenize_chat(llm, data, 0, spans, add_bos)
-    held, held_tokens = llm._text, llm._tokens
+    held, held_tokens = llm.seq.text, llm.seq.tokens
     runs = []
     # the sequence is reused only when the tokens it holds are a prefix of a fresh tokenisation of the new prompt:
     # a reply that the client extends inside a token ("How" -> "However") or that the model spelt in other tokens
@@ -410,7 +405,7 @@ def create_chat_completion(llm, messages: List[dict], max_tokens: Optional[int],
             and len(tokens) > len(held_tokens) and tokens[:len(held_tokens)] == held_tokens):
         runs.append(_Run(tokens[len(held_tokens):], False, data[len(held):], None, sampling))
     runs += [_Run(tokens, True, data, None, _seeded(sampling, i)) for i in range(len(runs), n)]
-    stops = stop_list(stop) + [fallback_template(llm)[2]] * (llm._template_source != "gguf")
+    stops = stop_list(stop) + [fallback_template(llm)[2]] * (not fmt.from_gguf)
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     events = _events(llm, runs, max_tokens, stops, None, k, usage, len(tokens) if return_progress else None)
     head = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": llm.model_name}
@@ -538,6 +533,7 @@ def _disjoint(spans: list) -> list:
 
 def tokenize_chat(llm, data: bytes, start: int, spans, add_bos: bool) -> list:
     """Tokens of data[start:]: special tokens parsed in the template's own text, never inside a content span."""
+    tokenize = llm.model.llama.tokenize
     tokens: list = []
     pos = start
     for a, b in spans:
@@ -545,11 +541,11 @@ def tokenize_chat(llm, data: bytes, start: int, spans, add_bos: bool) -> list:
             continue
         a = max(a, start)
         if a > pos:
-            tokens += llm._model.tokenize(data[pos:a], add_bos and not tokens and pos == start, True)
-        tokens += llm._model.tokenize(data[a:b], add_bos and not tokens and a == start, False)
+            tokens += tokenize(data[pos:a], add_bos and not tokens and pos == start, True)
+        tokens += tokenize(data[a:b], add_bos and not tokens and a == start, False)
         pos = b
     if pos < len(data) or not tokens:
-        tokens += llm._model.tokenize(data[pos:], add_bos and not tokens, True)
+        tokens += tokenize(data[pos:], add_bos and not tokens, True)
     return tokens
 
 
@@ -579,25 +575,19 @@ _completion, _chat_completion = create_completion, create_chat_completion
 
 class OpenAIStyle:
     """LMInfinite's OpenAI-shaped methods (the dict shapes and keyword names of llama-cpp-python's Llama), over the
-    functions above; a mixin of LMInfinite, which provides _sampling, _use and the session."""
+    functions above; a mixin of LMInfinite, which provides sampling_settings, use and the session (seq)."""
 
     @property
     def model_name(self) -> str:
         return os.path.basename(self.model_path)
 
-    def create_completion(self, prompt: Union[str, Sequence[int]], max_tokens: Optional[int] = 16,
-                          temperature: float = SAMPLING.temperature, top_p: float = SAMPLING.top_p,
-                          top_k: int = SAMPLING.top_k, min_p: float = SAMPLING.min_p,
-                          repeat_penalty: float = SAMPLING.repeat_penalty, seed: Optional[int] = None,
+    @sampling_keywords(SAMPLING)
+    def create_completion(self, prompt: Union[str, Sequence[int]], max_tokens: Optional[int] = 16, *,
                           stop: Union[str, List[str], None] = None, stream: bool = False, fresh: bool = True,
-                          progress: Optional[Callable[[int, int], None]] = None,
-                          frequency_penalty: float = SAMPLING.frequency_penalty,
-                          presence_penalty: float = SAMPLING.presence_penalty,
-                          logit_bias: Optional[Dict[int, float]] = None, grammar=None, n: int = 1,
+                          progress: Optional[Callable[[int, int], None]] = None, n: int = 1,
                           logprobs: Optional[int] = None, echo: bool = False, stream_options: Optional[dict] = None,
-                          typical_p: float = SAMPLING.typical_p, ignore_eos: bool = False):
-        sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty,
-                                  presence_penalty, logit_bias, grammar, typical_p)
+                          ignore_eos: bool = False, **sampling):
+        sampling = self.sampling_settings(sampling)
         sampling = ban_eog(self, sampling) if ignore_eos else sampling
         return _completion(self, prompt, max_tokens, sampling, stop, stream, fresh, progress, n=n,
                                            logprobs=logprobs, echo=echo, stream_options=stream_options)
@@ -625,27 +615,21 @@ class OpenAIStyle:
             return 0
         return held_prefix(self, messages, rendered, offered)
 
-    def create_chat_completion(self, messages: List[dict], max_tokens: Optional[int] = None,
-                               temperature: float = CHAT_TEMPERATURE, top_p: float = SAMPLING.top_p,
-                               top_k: int = SAMPLING.top_k, min_p: float = SAMPLING.min_p,
-                               repeat_penalty: float = SAMPLING.repeat_penalty, seed: Optional[int] = None,
+    @sampling_keywords(CHAT_SAMPLING)
+    def create_chat_completion(self, messages: List[dict], max_tokens: Optional[int] = None, *,
                                stop: Union[str, List[str], None] = None, stream: bool = False,
-                               frequency_penalty: float = SAMPLING.frequency_penalty,
-                               presence_penalty: float = SAMPLING.presence_penalty,
-                               logit_bias: Optional[Dict[int, float]] = None, grammar=None,
                                response_format: Optional[dict] = None, n: int = 1, logprobs: Optional[bool] = None,
                                top_logprobs: Optional[int] = None, stream_options: Optional[dict] = None,
                                tools: Optional[list] = None, tool_choice=None,
-                               parallel_tool_calls: Optional[bool] = None, typical_p: float = SAMPLING.typical_p,
-                               ignore_eos: bool = False, return_progress: bool = False):
+                               parallel_tool_calls: Optional[bool] = None, ignore_eos: bool = False,
+                               return_progress: bool = False, **sampling):
         plan = tool_plan(self, tools, tool_choice, parallel_tool_calls)
+        grammar = sampling.get("grammar")
         grammar = response_format_grammar(response_format) if response_format else grammar
         if plan.grammar is not None and grammar is not None:
             raise InvalidInputError("tool_choice \"required\" or a named function constrains the reply to tool "
                                     "calls: it cannot be combined with response_format or grammar")
-        grammar = plan.grammar or grammar
-        sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty,
-                                  presence_penalty, logit_bias, grammar, typical_p)
+        sampling = self.sampling_settings(dict(sampling, grammar=plan.grammar or grammar), CHAT_SAMPLING)
         sampling = ban_eog(self, sampling) if ignore_eos else sampling
         return _chat_completion(self, messages, max_tokens, sampling, stop, stream, n=n,
                                                 logprobs=logprobs, top_logprobs=top_logprobs,

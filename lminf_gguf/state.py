@@ -152,15 +152,15 @@ def save_state(llm, path: Union[str, os.PathLike], extra: Optional[dict] = None)
     if n and (llama_raw.llama_state_seq_set_data(llm.ctx, blob, n, 0) == 0 or not _set_store(llm, store)):
         llm.reset()
         raise RuntimeError("llama.cpp could not re-read the sequence it saved; the session was reset")
-    c = llm._cache
+    seq, c = llm.seq, llm.seq.cache
     header = dict(settings(llm), format="lminf_gguf state", model_path=llm.model_path,
                   model_id=model_id(llm), pos=c.pos, n_seen=c.n_seen, n_rebase=c.n_rebase,
-                  rebase_at=c.rebase_at, has_logits=llm._last is not None,
-                  has_text=llm._text is not None, extra=extra or {})
+                  rebase_at=c.rebase_at, has_logits=seq.last is not None,
+                  has_text=seq.text is not None, extra=extra or {})
     hjson = json.dumps(header).encode()
-    logits = llm._last.astype("<f4").tobytes() if llm._last is not None else b""
-    text = bytes(llm._text) if llm._text is not None else b""
-    ids = np.asarray(llm._tokens if llm._text is not None else [], dtype="<i4").tobytes()
+    logits = seq.last.astype("<f4").tobytes() if seq.last is not None else b""
+    text = bytes(seq.text) if seq.text is not None else b""
+    ids = np.asarray(seq.tokens if seq.text is not None else [], dtype="<i4").tobytes()
     body = b"".join([STATE_MAGIC, struct.pack("<II", STATE_VERSION, len(hjson)), hjson,
                      struct.pack("<Q", len(logits)), logits, struct.pack("<Q", len(text)), text,
                      struct.pack("<Q", len(ids)), ids, struct.pack("<Q", n), ctypes.string_at(blob, n),
@@ -229,7 +229,7 @@ def load_state(llm, path: Union[str, os.PathLike]) -> dict:
     diff = [f"{k} {header.get(k)!r} (session: {v!r})" for k, v in mine.items() if header.get(k) != v]
     if diff:
         raise StateError(f"{path} was saved with other settings: {', '.join(diff)}")
-    c = llm._cache
+    seq, c = llm.seq, llm.seq.cache
     pos, n_seen, n_rebase = (header.get(k) for k in ("pos", "n_seen", "n_rebase"))
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (pos, n_seen, n_rebase)):
         raise StateError(f"{path}: malformed state file (positions)")
@@ -258,14 +258,14 @@ def load_state(llm, path: Union[str, os.PathLike]) -> dict:
     except StateError as e:
         _restore(llm, backup[0])
         _set_store(llm, backup[-1])
-        c.pos, c.n_seen, c.n_rebase, llm._last, llm._text, llm._tokens = backup[1:-1]
+        c.pos, c.n_seen, c.n_rebase, seq.last, seq.text, seq.tokens = backup[1:-1]
         raise StateError(f"{path}: {e}; the session is as it was") from None
     llm.model.check_servers()
     c.pos, c.n_seen, c.n_rebase = pos, n_seen, n_rebase
-    llm._last = np.frombuffer(logits, dtype="<f4").astype(np.float32) if logits else None
+    seq.last = np.frombuffer(logits, dtype="<f4").astype(np.float32) if logits else None
     # a version 2 file has no token ids: its chat text cannot be reused token for token (the next chat starts afresh)
     has_text = bool(header.get("has_text")) and tokens is not None
-    llm._text, llm._tokens = (bytearray(text), tokens) if has_text else (None, None)
+    seq.text, seq.tokens = (bytearray(text), tokens) if has_text else (None, None)
     return header.get("extra") or {}
 
 
@@ -275,8 +275,8 @@ def _sequence(llm) -> tuple:
     size = llama_raw.llama_state_seq_get_size(llm.ctx, 0)
     buf = (ctypes.c_uint8 * max(size, 1))()
     n = llama_raw.llama_state_seq_get_data(llm.ctx, buf, size, 0)
-    c = llm._cache
-    return (ctypes.string_at(buf, n), c.pos, c.n_seen, c.n_rebase, llm._last, llm._text, llm._tokens,
+    seq, c = llm.seq, llm.seq.cache
+    return (ctypes.string_at(buf, n), c.pos, c.n_seen, c.n_rebase, seq.last, seq.text, seq.tokens,
             _store_state(llm))
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from importlib import resources
 
-from .httpio import _DISCONNECTS, MAX_BODY_BYTES, RequestError
+from .httpio import DISCONNECTS, MAX_BODY_BYTES, RequestError
 from .options import MODES
 
 __all__ = ["PAGE_HEADERS", "ROUTES", "page", "info", "max_body_bytes", "serve_page", "serve_info"]
@@ -41,7 +41,7 @@ def page() -> bytes:
 def max_body_bytes(server) -> int:
     """The largest request body the server takes: MAX_BODY_BYTES (413 past it), or less when its memory budget
     (--memory-budget-mb) cannot hold one parsed body of that size (parsed_body_cost times its bytes; 503 then)."""
-    from .server import MAX_BODIES_BYTES  # server.py imports this module
+    from .handler import MAX_BODIES_BYTES  # handler.py imports this module
 
     budget = server.memory_budget if getattr(server, "memory_budget", None) is not None else MAX_BODIES_BYTES
     return min(MAX_BODY_BYTES, budget // max(1, getattr(server, "parsed_body_cost", 1)))
@@ -75,15 +75,15 @@ def serve_page(handler) -> None:
     data = page()
     try:
         handler.send_response(200)
-        for k, v in PAGE_HEADERS + (("Content-Length", str(len(data))),) + tuple(handler._cors_headers()):
+        for k, v in PAGE_HEADERS + (("Content-Length", str(len(data))),) + tuple(handler.cors_headers()):
             handler.send_header(k, v)
         handler.end_headers()
         handler.wfile.write(data)
-    except _DISCONNECTS:
+    except DISCONNECTS:
         handler.close_connection = True
 
 
 def serve_info(handler) -> None:
     """GET /webui/info: info() as JSON (the API key is needed as on the other API routes)."""
     _check(handler)
-    handler._send_json(200, info(handler.server))
+    handler.send_json(200, info(handler.server))

@@ -167,8 +167,8 @@ def _child(model: str, list_file: str, timeout: int, topk: bool) -> None:
 
     def probe():
         info = llm.cache_info()
-        return (None if llm._last is None else llm._last.tobytes(), info["position"], info["n_tokens"],
-                info["rebases"], None if llm._text is None else bytes(llm._text))
+        return (None if llm.seq.last is None else llm.seq.last.tobytes(), info["position"], info["n_tokens"],
+                info["rebases"], None if llm.seq.text is None else bytes(llm.seq.text))
 
     for i, p in enumerate(line.rstrip("\n") for line in open(list_file)):
         print("@@" + json.dumps({"start": i}), flush=True)

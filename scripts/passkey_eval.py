@@ -21,6 +21,8 @@ import re
 import sys
 import time
 
+from lminf_gguf.options import STORE_TYPES, TOPK
+
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
 DISTRACTOR = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -57,6 +59,13 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, required=True, help="CPU threads (explicit: time alone)")
+    ap.add_argument("--topk-block", type=int, default=TOPK.block,
+                    help="lminf-topk block index: keys per block (0, the default: exact scan)")
+    ap.add_argument("--topk-blocks", type=int, default=TOPK.n_blocks,
+                    help="lminf-topk block index: blocks scanned per segment")
+    ap.add_argument("--store-type", default=TOPK.store_type, choices=list(STORE_TYPES),
+                    help="lminf-topk store type")
+    ap.add_argument("--store-dir", default=None, help="lminf-topk: memory-map the store in this directory")
     args = ap.parse_args(argv)
 
     from lminf_gguf import LMInfinite
@@ -66,6 +75,9 @@ def main(argv=None) -> int:
     for mode in args.modes:
         kw = dict(n_ctx=max(lengths) + 64) if mode == "vanilla" else dict(n_local=args.n_local,
                                                                           n_global=args.n_global)
+        if mode == "lminf-topk":
+            kw.update(topk_block=args.topk_block, topk_blocks=args.topk_blocks, store_type=args.store_type,
+                      store_dir=args.store_dir)
         llm = LMInfinite(args.model, mode=mode, n_batch=min(512, args.n_local), n_threads=args.threads, **kw)
         for times, n in zip(args.times, lengths):
             rng = random.Random(f"{args.seed}-{n}")   # the same prompts for every mode
@@ -80,7 +92,9 @@ def main(argv=None) -> int:
             rows[(mode, times)] = (ok, time.perf_counter() - t0, far)
         llm.close()
 
-    print(f"passkey, official format, {args.model}, G = {args.n_global}, L = {args.n_local}, {args.trials} prompts per "
+    index = f"block index {args.topk_block}x{args.topk_blocks}" if args.topk_block else "exact scan"
+    print(f"passkey, official format, {args.model}, G = {args.n_global}, L = {args.n_local}, lminf-topk: {index}, "
+          f"{args.store_type} store; {args.trials} prompts per "
           f"cell, {args.threads} thread(s): found / prompts (of which k had the key behind the window; seconds for "
           "the cell)")
     print("| mode | " + " | ".join(f"{n:,} ({t}x L)" for t, n in zip(args.times, lengths)) + " |")

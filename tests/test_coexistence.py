@@ -10,10 +10,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import needs_default_model
 
 HERE = str(Path(__file__).resolve().parent)
-
-from conftest import needs_default_model
 
 ORDERS = {
     "llama_cpp first": "import llama_cpp\nimport lminf_gguf\n",

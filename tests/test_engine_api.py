@@ -124,7 +124,7 @@ def test_chat_template_fallback(tiny_model):
     assert "tokenizer.chat_template" not in llm.metadata
     prompt = llm.render_chat([{"role": "user", "content": "hi"}])
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert llm._template_source == "chatml-fallback"   # (the tiny vocabulary cannot tokenise text)
+    assert llm.chat_format.source == "chatml-fallback"   # (the tiny vocabulary cannot tokenise text)
 
 
 _CONTINUE = """
@@ -170,7 +170,7 @@ def test_restored_state_matches_a_never_saved_run(tiny_model, tmp_path):
     for tok in np.random.default_rng(4).integers(4, 96, 40):
         plain.feed([int(tok)])
         restored.feed([int(tok)])
-        assert rel_err(restored._last, plain._last) <= 1e-5
+        assert rel_err(restored.seq.last, plain.seq.last) <= 1e-5
     assert plain.cache_info()["rebases"] > 1
 
 

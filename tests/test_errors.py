@@ -40,13 +40,14 @@ def test_c_api_refuses_several_sequences_and_bad_parameters(tiny_model):
     llm = lminf_gguf.LMInfinite(path, n_local=16)
     params = llama_raw.llama_context_default_params()
     params.n_seq_max = 2
-    assert not _lib.llama_init_from_model_lminf(llm._model.model, params, 4, 16, 16)
+    assert not _lib.llama_init_from_model_lminf(llm.model.llama_model, params, 4, 16, 16)
     params.n_seq_max = 1
-    assert not _lib.llama_init_from_model_lminf(llm._model.model, params, -1, 16, 16)
-    assert not _lib.llama_init_from_model_lminf(llm._model.model, params, 4, 0, 16)
-    ctx = _lib.llama_init_from_model_lminf(llm._model.model, params, 4, 16, 16)
+    assert not _lib.llama_init_from_model_lminf(llm.model.llama_model, params, -1, 16, 16)
+    assert not _lib.llama_init_from_model_lminf(llm.model.llama_model, params, 4, 0, 16)
+    ctx = _lib.llama_init_from_model_lminf(llm.model.llama_model, params, 4, 16, 16)
     assert ctx
-    assert (_lib.llama_lminf_n_global(ctx), _lib.llama_lminf_n_local(ctx), _lib.llama_lminf_dist_max(ctx)) == (4, 16, 16)
+    assert (_lib.llama_lminf_n_global(ctx), _lib.llama_lminf_n_local(ctx),
+            _lib.llama_lminf_dist_max(ctx)) == (4, 16, 16)
     assert _lib.llama_lminf_enabled(ctx)
     assert _lib.llama_lminf_cache_size(ctx) == 4 + 16 + params.n_ubatch
     llama_raw.llama_free(ctx)

@@ -4,10 +4,10 @@ reference. LM-Infinite goes on the global layers (sinks,
 window L, distance ceiling); the local layers keep their window; the whole cache stays bounded.
 
 Bounds: 1e-4 (f32 weights and cache, flash attention off) and 2e-3 (f16 cache, flash attention on), as for llama.
-Measured: gemma3 2.2e-5 and 1.0e-3, gemma2 2.0e-5 and 7.8e-4. The floor is ggml's table GELU in the GEGLU FFN (its f16 rounding
-boundaries reached in float32 here, float64 in the reference: vanilla shows the same 2-3e-5), which these peaky
-attention scores amplify; the model is kept at two layers (one local, one global) so that the floor stays well
-under the bound.
+Measured: gemma3 2.2e-5 and 1.0e-3, gemma2 2.0e-5 and 7.8e-4. The floor is ggml's table GELU in the GEGLU FFN (its
+f16 rounding boundaries reached in float32 here, float64 in the reference: vanilla shows the same 2-3e-5), which
+these peaky attention scores amplify; the model is kept at two layers (one local, one global) so that the floor
+stays well under the bound.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def test_generation_and_chat_with_its_template(model):
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
         prompt = llm.render_chat(messages)
         # this file carries no chat template: Gemma's own turns, not ChatML (no system role: it opens the user turn)
-        assert llm._template_source == "gemma-fallback"
+        assert llm.chat_format.source == "gemma-fallback"
         # (BOS is a token, added when the prompt is tokenised, not text in it)
         assert prompt == "<start_of_turn>user\nBe brief.\n\nSay hello.<end_of_turn>\n<start_of_turn>model\n"
         out = llm.create_chat_completion(messages, max_tokens=8, temperature=0)

@@ -133,8 +133,8 @@ def test_the_unchecked_parse_would_crash_and_the_bounds_fit_a_1_mib_stack():
     chain = subprocess.run([sys.executable, "-c", code, "chain", str(grammar.MAX_GBNF_RULES)], capture_output=True,
                            text=True, timeout=120, cwd=HERE)
     assert chain.returncode == 0 and chain.stdout.split()[-2:] == ["chain", "True"], chain.stderr[-1500:]
-    unchecked = subprocess.run([sys.executable, "-c", code, "nested", "100000"], capture_output=True, text=True, timeout=120,
-                               cwd=HERE)
+    unchecked = subprocess.run([sys.executable, "-c", code, "nested", "100000"], capture_output=True, text=True,
+                               timeout=120, cwd=HERE)
     assert unchecked.returncode < 0, "the parser survived 10^5 nested groups: the bounds may be loosened"
 
 

@@ -128,7 +128,8 @@ def test_id_slot(srv):
     status, out = post(srv, "/v1/completions", {"prompt": "a", "max_tokens": 1, "id_slot": 1})
     assert status == 200, out
     settle(srv)
-    assert srv.json("GET", "/slots")[1][1]["lminf"]["n_tokens"] == out["usage"]["total_tokens"]  # that request's prompt and its token
+    # that request's prompt and its token
+    assert srv.json("GET", "/slots")[1][1]["lminf"]["n_tokens"] == out["usage"]["total_tokens"]
 
 
 @pytest.mark.parametrize("body, param, words", [

@@ -63,7 +63,7 @@ def test_a_reused_conversation_holds_the_tokens_a_fresh_session_reads(sessions):
         fresh.reset()
         n_fresh = fresh.create_chat_completion(messages, max_tokens=1, temperature=0)["usage"]["prompt_tokens"]
         prompt = fresh.tokenize(fresh.render_chat(messages), add_bos=False, special=True)
-        assert holder._tokens[:len(prompt)] == prompt, turn
+        assert holder.seq.tokens[:len(prompt)] == prompt, turn
         if turn:
             assert n_holder < n_fresh, "the holding session re-read the conversation instead of reusing it"
         messages = messages + [{"role": "assistant", "content": got},

@@ -560,7 +560,8 @@ def _raw(srv, head: bytes, body: bytes = b"", timeout=10) -> bytes:
             got += part
             if b"\r\n\r\n" in got:
                 hdr, _, rest = got.partition(b"\r\n\r\n")
-                n = next((int(ln.split(b":")[1]) for ln in hdr.split(b"\r\n") if ln.lower().startswith(b"content-length:")), None)
+                n = next((int(ln.split(b":")[1]) for ln in hdr.split(b"\r\n")
+                          if ln.lower().startswith(b"content-length:")), None)
                 if n is not None and len(rest) >= n:
                     break
     finally:
@@ -573,14 +574,16 @@ def test_fake_hostile_bodies_get_a_4xx_not_a_hang_or_a_500(fake):
     srv, llm = fake
     status_of = lambda raw: int(raw.split(b" ", 2)[1])  # noqa: E731
     # a negative chunk size used to become rfile.read(-1): a read without limit
-    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
     assert status_of(_raw(srv, head, b"-1\r\n")) == 400
     # chunked and Content-Length together: the server used to wait for the client to give up
     head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: chunked\r\nContent-Length: 10\r\n\r\n")
     assert status_of(_raw(srv, head, b"5\r\n{\"a\":\r\n")) == 400
     # a cross-origin "simple" POST (text/plain) is never processed
-    status, ctype, text = srv.request("POST", "/v1/completions", {"prompt": "hi"}, headers={"Content-Type": "text/plain"})
+    status, ctype, text = srv.request("POST", "/v1/completions", {"prompt": "hi"},
+                                      headers={"Content-Type": "text/plain"})
     assert status == 415 and json.loads(text)["error"]["code"] == "unsupported_media_type"
     # 100k-deep JSON (RecursionError) and an integer without a float (OverflowError) used to give 500
     deep = b"[" * 100000 + b"]" * 100000
@@ -613,7 +616,7 @@ def test_fake_head_gets_405_with_allow_and_no_body(fake):
 
 def test_fake_bodies_being_read_share_one_budget(fake, monkeypatch):
     """Parallel large bodies no longer add up: past the server-wide budget a body is refused with 503."""
-    import lminf_gguf.server as server_module
+    import lminf_gguf.handler as server_module  # the budgets live with the HTTP handler
 
     srv, llm = fake
     monkeypatch.setattr(server_module, "MAX_BODIES_BYTES", 100)
@@ -859,7 +862,7 @@ def test_real_slots_keep_each_conversation_in_its_own_slot():
             assert status == 200, out
             # only the reply's end and the new user turn are evaluated (a fresh start would cost > first[k])
             assert out["usage"]["prompt_tokens"] < first[k], (k, out["usage"], first)
-        held = [bytes(s._text or b"") for s in pool.sessions]
+        held = [bytes(s.seq.text or b"") for s in pool.sessions]
         assert any(b"fruit" in h for h in held) and any(b"city" in h for h in held)
     finally:
         srv.stop()

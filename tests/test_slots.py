@@ -79,10 +79,10 @@ def test_an_empty_pool_is_refused():
 
 
 def test_a_continuation_scores_its_own_slot_and_renders_once(monkeypatch):
-    """The server's slot choice (server._held_prefix_score): the session that holds the conversation scores its
+    """The server's slot choice (handler.held_prefix_score): the session that holds the conversation scores its
     length, the others 0, and the conversation is rendered once for all the free sessions, not once per session."""
     from conftest import DEFAULT_MODEL
-    from lminf_gguf import responses, server
+    from lminf_gguf import handler, responses
     from lminf_gguf.slots import open_sessions
 
     if DEFAULT_MODEL is None:
@@ -97,11 +97,11 @@ def test_a_continuation_scores_its_own_slot_and_renders_once(monkeypatch):
         calls = []
         render = responses.render_chat
         monkeypatch.setattr(responses, "render_chat", lambda *args: calls.append(1) or render(*args))
-        score = server._held_prefix_score(follow)
+        score = handler.held_prefix_score(follow)
         scores = [score(s) for s in pool.sessions]
         assert scores[1] > 0 and scores[0] == scores[2] == 0, scores
         assert len(calls) == 1
         # a conversation the session does not hold scores 0 there too
-        assert server._held_prefix_score([{"role": "user", "content": "Other."}])(pool.sessions[1]) == 0
+        assert handler.held_prefix_score([{"role": "user", "content": "Other."}])(pool.sessions[1]) == 0
     finally:
         pool.close()

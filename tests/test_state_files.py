@@ -49,7 +49,7 @@ def session(tiny_model, tmp_path):
 def probe(llm) -> np.ndarray:
     """What the session continues with (without changing it: saved and restored around the probe)."""
     info = llm.cache_info()
-    return np.concatenate([llm._last, [info["position"], info["n_tokens"], info["rebases"]]])
+    return np.concatenate([llm.seq.last, [info["position"], info["n_tokens"], info["rebases"]]])
 
 
 def assert_refused_untouched(llm, file):
