@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """lminf-topk on the default model: both flash-attention paths of the corrected rows against the float64 reference.
 
-On the CPU, flash attention returns each row's log-sum-exp and the middle tokens merge with it (patches 0023/0024);
+On the CPU, flash attention returns each row's log-sum-exp and the middle tokens merge with it (patches 0007/0019);
 topk_fa_lse=False (the C parameter llama_lminf_topk_params.fa_lse) forces the older path, a second pass over K for
 the row's scores (what GPUs run). The
 tiny models of tests/test_topk.py never reach ggml's split-KV decode kernel (it takes n_kv >= 512) nor its tiled
@@ -72,7 +72,7 @@ def main() -> None:
 
     print(f"lminf-topk, default model, G = {G}, L = {L}, k = 5 from layer 4 at L/2, f16 cache, f32 store, "
           f"{args.threads} threads")
-    print("| ubatch | kernel | tokens | corrected rows | flash, log-sum-exp (0024) | flash, second pass (0017) "
+    print("| ubatch | kernel | tokens | corrected rows | flash, log-sum-exp | flash, second pass "
           "| non-flash |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -80,7 +80,7 @@ lib = _load_library()
 llama_cpp = _private_llama_cpp(lib)   # the package: llama_cpp._internals, llama_cpp.llama_chat_format, ...
 llama_raw = llama_cpp.llama_cpp       # its raw bindings
 
-# the newest function of the series (patch 0026): a library without it is a stale build
+# the newest function of the series (patch 0016): a library without it is a stale build
 if not hasattr(lib, "llama_init_from_model_lminf") or not hasattr(lib, "llama_lminf_topk_state_set"):
     raise ImportError(f"lminf_gguf: {lib._name} lacks the LM-Infinite functions (a stale build?); {_FIX}")
 
@@ -116,7 +116,7 @@ llama_lminf_topk_store_rows = _bind("llama_lminf_topk_store_rows", [llama_raw.ll
 llama_lminf_topk_row_bytes = _bind("llama_lminf_topk_row_bytes", [llama_raw.llama_context_p_ctypes], ctypes.c_size_t)
 llama_lminf_topk_store_bytes = _bind("llama_lminf_topk_store_bytes", [llama_raw.llama_context_p_ctypes],
                                      ctypes.c_size_t)
-# the top-k store's state (patch 0026)
+# the top-k store's state (patch 0016)
 llama_lminf_topk_state_size = _bind("llama_lminf_topk_state_size", [_ctx_p], ctypes.c_size_t)
 llama_lminf_topk_state_get = _bind("llama_lminf_topk_state_get", [_ctx_p, ctypes.c_void_p, ctypes.c_size_t],
                                    ctypes.c_size_t)

@@ -473,7 +473,7 @@ _HYBRID = {"jamba", "falcon-h1", "plamo2", "granitehybrid", "lfm2", "lfm2moe", "
            "deepseek4", "minimax-01"}
 _NO_ROPE = {"clip", "gpt2", "gptj", "mpt", "refact", "bloom", "jina-bert-v2", "t5", "t5encoder", "jais",
             "wavtokenizer-dec", "nemotron_h", "nemotron_h_moe", "kimi-linear", "kimi-k3", "glm5-next"}
-# ALiBi (the distance is a per-head bias in the mask, where LM-Infinite's ceiling goes: patch 0014); bloom's bias is
+# ALiBi (the distance is a per-head bias in the mask, where LM-Infinite's ceiling goes: patch 0012); bloom's bias is
 # fixed by llama.cpp, mpt's is the file's attention.max_alibi_bias
 _ALIBI = {"bloom", "mpt"}
 # an architecture name the pinned llama.cpp knows but has no graph for: the file cannot run at all
@@ -483,7 +483,7 @@ _NON_CAUSAL = {"bert", "modern-bert", "nomic-bert", "nomic-bert-moe", "neo-bert"
 # set sliding-window attention whatever the file says
 _ALWAYS_SWA = {"gemma2", "gemma3n", "gemma4", "cohere2", "gpt-oss", "gemma-embedding"}
 # interleaved sliding-window layers next to global ones (llama.cpp's iSWA cache): LM-Infinite goes on the global
-# layers (patch 0015); the others with a window have it on every layer (bounded already) or another pattern
+# layers (patch 0013); the others with a window have it on every layer (bounded already) or another pattern
 _ISWA = {"gemma2", "gemma3", "cohere2", "gpt-oss"}
 
 

@@ -255,7 +255,7 @@ def check_chat_logprobs(logprobs, top_logprobs) -> Optional[int]:
 
 @dataclass(frozen=True)
 class TopK:
-    """lminf-topk defaults, mirroring llama_lminf_topk_params (patches 0005-0007); the paper's k = 5 from layer 4."""
+    """lminf-topk defaults, mirroring llama_lminf_topk_params (patches 0014-0015); the paper's k = 5 from layer 4."""
     k: int = 5
     layer_first: int = 4
     store_type: str = "f16"

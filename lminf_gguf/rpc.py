@@ -11,7 +11,7 @@ own handshake (a clear error instead). A server that goes away during a session 
 one on the Model with RemoteServerError (patch 0021 gives llama.cpp's RPC client that error path; it used to end
 the process), also one cut off the network without closing its connection (keep-alive probes and a 30 s bound on
 unacknowledged data, about half a minute), and one that stops answering while its connection stays up (a stopped
-or hung process) after TIMEOUT_S without a byte (patch 0025; set_timeout, or Model(rpc_timeout=...)). A session's
+or hung process) after TIMEOUT_S without a byte (patch 0022; set_timeout, or Model(rpc_timeout=...)). A session's
 cancel() cuts such a wait short (DecodeCancel). The RPC protocol has no authentication or encryption: keep the
 servers on a private network.
 """
@@ -41,7 +41,7 @@ _CMD_HELLO = 14
 _CAPS_SIZE = 24
 _PROTO_MAJOR, _PROTO_MINOR = 7, 0
 HANDSHAKE_TIMEOUT_S = 10.0
-# patch 0025: the longest wait for a server that sends nothing (its default; set_timeout changes it), and how long a
+# patch 0022: the longest wait for a server that sends nothing (its default; set_timeout changes it), and how long a
 # wait must have lasted for a cancel to cut it (RPC_ABORT_WAIT_MS)
 TIMEOUT_S = 120.0
 CANCEL_WAIT_S = 5.0
@@ -196,7 +196,7 @@ def failed_servers(endpoints: List[str]) -> List[str]:
 
 
 def set_timeout(seconds: float) -> None:
-    """The longest wait for an RPC server that sends nothing (patch 0025), for every connection of this process
+    """The longest wait for an RPC server that sends nothing (patch 0022), for every connection of this process
     (llama.cpp keeps one per endpoint, shared by the Models on it); 0: no bound. Default TIMEOUT_S. After it the
     call fails with RemoteServerError, as if the server had gone away.
 
@@ -210,20 +210,20 @@ def set_timeout(seconds: float) -> None:
     addr = _rpc_proc("ggml_backend_rpc_set_timeout")
     if not addr:
         raise InvalidInputError("this lminf_gguf's library has no RPC timeout (built without the RPC backend, or "
-                                "before patch 0025)")
+                                "before patch 0022)")
     ms = 0 if seconds == 0 else max(1, round(seconds * 1000))
     ctypes.CFUNCTYPE(None, ctypes.c_int64)(addr)(ms)
 
 
 @functools.lru_cache(maxsize=None)
 def _set_abort_fn():
-    """ggml_backend_rpc_set_abort (patch 0025), or None."""
+    """ggml_backend_rpc_set_abort (patch 0022), or None."""
     addr = _rpc_proc("ggml_backend_rpc_set_abort")
     return ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_bool)(addr) if addr else None
 
 
 class DecodeCancel:
-    """A session's cancel() for the waits of llama.cpp's RPC client (patch 0025): the decode itself cannot be told to
+    """A session's cancel() for the waits of llama.cpp's RPC client (patch 0022): the decode itself cannot be told to
     stop while its thread waits for a server's answer. A cancel during decoding() lets a wait for one of the
     endpoints that has lasted CANCEL_WAIT_S end, which fails the connection (the call raises RemoteServerError and
     the Model must be loaded again): a stopped or hung server no longer holds the call until the timeout. A

@@ -27,7 +27,7 @@ STATE_VERSION = 4  # 2: the model identity hashes the whole file; 3: the chat te
 # 4: the top-k store (lminf-topk sessions; empty otherwise)
 _VERSIONS = {2: 3, 3: 4, 4: 5}  # version: sections after the header (2: logits, text, sequence; 3: + token ids;
 # 4: + store)
-_STORE_HEADER = struct.Struct("<6q")  # the store state's header (patch 0026): rows, row offset, type, first layer,
+_STORE_HEADER = struct.Struct("<6q")  # the store state's header (patch 0016): rows, row offset, type, first layer,
 # layers, row bytes
 
 # a state file is read whole: anything larger than this is not one of ours (a bounded cache of a large model and

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Compile the CUDA backend of the patched library on a machine without a GPU: proves that the CUDA side of the
-# patch series (0018's flash-attention kernels among it) builds with the nvcc this machine has. Nothing runs on a
+# patch series (0020's flash-attention kernels among it) builds with the nvcc this machine has. Nothing runs on a
 # GPU here; scripts/device_check.sh does that when one is lent.
 #
 #   scripts/cuda_compile_check.sh          the flash-attention units and ggml-cuda.cu (minutes)

@@ -32,8 +32,8 @@ for op in ROPE CPY SUB MUL ADD SET SOFT_MAX SET_ROWS TOP_K GET_ROWS CONCAT SUM_R
     /tmp/test-backend-ops test -o $op -b CUDA0 2>&1 | grep -E "tests passed|FAIL|Backend CUDA0" | tail -2
 done | tee "$OUT/backend_ops.txt"
 
-# patch 0018: the bias in the CUDA vec and tile kernels, against the CPU (every case must pass, none "not supported";
-# "nseq=" selects test_flash_attn_ext_kq_bias: 0023's log-sum-exp cases, CPU only, are "not supported" on CUDA)
+# patch 0020: the bias in the CUDA vec and tile kernels, against the CPU (every case must pass, none "not supported";
+# "nseq=" selects test_flash_attn_ext_kq_bias: 0007's log-sum-exp cases, CPU only, are "not supported" on CUDA)
 /tmp/test-backend-ops test -o FLASH_ATTN_EXT -p nseq= -b CUDA0 2>&1 \
     | grep -E "n_lead|tests passed|Backend CUDA0" | tee "$OUT/backend_ops_kq_bias.txt"
 timeout 200 python3 benchmarks/exactness.py --n-gpu-layers 99 \

@@ -91,7 +91,7 @@ def test_the_ceiling_is_what_makes_it_exact(alibi_models):
 
 
 def test_alibi_with_learned_positions_is_refused(alibi_models, tmp_path):
-    """(lminf-topk runs on ALiBi models since patch 0027: test_topk_iswa_alibi.py.)"""
+    """(lminf-topk runs on ALiBi models since patch 0017: test_topk_iswa_alibi.py.)"""
     learned = write_tiny_alibi(tmp_path / "mpt-pos.gguf", arch="mpt", pos_embd=True)
     with pytest.raises(lminf_gguf.InvalidInputError, match="learned absolute position embeddings"):
         lminf_gguf.LMInfinite(learned, n_local=8, n_batch=8, n_threads=1)

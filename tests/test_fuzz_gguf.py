@@ -63,7 +63,7 @@ def test_metadata_llama_cpp_aborts_on_is_refused(tmp_path):
 
 def test_repeated_token_text_fails_the_load(tmp_path):
     """A vocabulary that repeats a token text (11 of 5000 byte flips in the key-value section did this) aborted
-    llama.cpp; patch 0008 makes it a failed load, and the message says what is wrong."""
+    llama.cpp; patch 0001 makes it a failed load, and the message says what is wrong."""
     import gguf
 
     base = fuzz.make_cases(str(tmp_path), 0, semantic=False)[0][0]

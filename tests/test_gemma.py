@@ -94,7 +94,7 @@ def test_guards(gemma3):
 
 
 def test_window_below_the_models_is_refused(gemma3):
-    """(lminf-topk runs on these models since patch 0027, in the global layers: test_topk_iswa_alibi.py.)"""
+    """(lminf-topk runs on these models since patch 0017, in the global layers: test_topk_iswa_alibi.py.)"""
     path, _ = gemma3
     with pytest.raises(lminf_gguf.InvalidInputError, match="below the model's sliding window"):
         open_exact(path, "lminf", n_global=4, n_local=WINDOW - 1, n_batch=4)

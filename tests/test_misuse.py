@@ -224,7 +224,7 @@ def test_quantised_cache_on_heads_smaller_than_a_block_is_refused(model_path, mo
 
 def test_lminf_constructors_check_the_cache_types_in_llama_cpp(model_path):
     """Below the Python checks: llama_init_from_model_lminf(_topk) now run llama_init_from_model's own parameter
-    checks (patch 0019). Called directly with a q8_0/q4_0 cache on 16-value heads they return NULL; they used to
+    checks (patch 0004). Called directly with a q8_0/q4_0 cache on 16-value heads they return NULL; they used to
     build the context and crash the process in ggml (a segfault at the first decode)."""
     code = f"""
         import lminf_gguf
@@ -251,7 +251,7 @@ def test_lminf_constructors_check_the_cache_types_in_llama_cpp(model_path):
 def test_quantised_cache_rebases_on_heads_that_are_not_a_multiple_of_64(tmp_path, n_embd, n_head):
     """Heads of 32 and 96 (Phi-3's): llama.cpp's Hadamard rotation of quantised keys needs heads of a multiple of 64,
     and its K-shift dereferenced the missing rotation matrix: the first rebase of an lminf session with a q8_0 K
-    cache ended the process (SIGSEGV, patch 0020). lminf and lminf-topk (rebases; top-k also decoding one row at a
+    cache ended the process (SIGSEGV, patch 0003). lminf and lminf-topk (rebases; top-k also decoding one row at a
     time), shift (context shifts) and mask, each near the same run with an f16 cache."""
     from tiny_models import write_tiny_llama
 
@@ -277,7 +277,7 @@ def test_quantised_cache_rebases_on_heads_that_are_not_a_multiple_of_64(tmp_path
 
 
 def test_quantised_cache_with_flash_attention_on_the_default_model():
-    """Heads of 64: a q8_0 K and V cache works with flash attention, lminf-topk included (patch 0017; the non-flash
+    """Heads of 64: a q8_0 K and V cache works with flash attention, lminf-topk included (patch 0019; the non-flash
     path it was limited to before cannot hold a quantised V cache)."""
     from conftest import DEFAULT_MODEL
 

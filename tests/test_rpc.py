@@ -363,7 +363,7 @@ def _end(proc) -> None:
 def test_a_stopped_server_fails_the_call_after_the_timeout(tiny_model, call):
     """A server that stops answering without closing its connection (SIGSTOP: its kernel still acknowledges data
     and answers keep-alive probes, so 0021's keep-alive settings do not see it) held the caller inside llama_decode
-    forever. Patch 0025 gives every wait for a server a deadline: with a 3 s timeout the call raises
+    forever. Patch 0022 gives every wait for a server a deadline: with a 3 s timeout the call raises
     RemoteServerError after about 3 s, later calls at once, and the session and model close without waiting.
     "one decode": a call of a single llama_decode, whose wait for the server is in the output read that follows
     it (llama_decode returns before the backends finish): the session must synchronise before it asks whether a

@@ -1,4 +1,4 @@
-"""Mode "lminf-topk" (top-k middle tokens, patches 0005-0007) against the PyTorch reference's TopK extension.
+"""Mode "lminf-topk" (top-k middle tokens, patches 0014-0015) against the PyTorch reference's TopK extension.
 
 The engine decodes a stream in ubatches of n_batch tokens; the last row of each picks middle tokens, so the
 reference is given those rows. Bounds as in test_attention_exact.py: 1e-4 with f32 weights, KV cache and store;
@@ -174,7 +174,7 @@ def test_reset_starts_the_store_and_index_afresh(tiny_model):
 @pytest.mark.parametrize("n_batch", [1, 7, 16])
 @pytest.mark.parametrize("k,layer", [(1, 0), (3, 1), (40, 1)])
 def test_flash_attention_matches_reference(tiny_model, k, layer, n_batch, kv):
-    """With flash attention (patch 0017) the last row of each ubatch is corrected to the softmax over the cache and
+    """With flash attention (patch 0019) the last row of each ubatch is corrected to the softmax over the cache and
     the middle keys; flash attention rounds K and V to f16, so the bound is HALF as for lminf with flash on."""
     path, ref = tiny_model("f32-gqa2")
     tokens = random_tokens(5 * L + 3, seed=13 + k + n_batch)
@@ -211,8 +211,8 @@ def test_flash_attention_block_index_matches_reference(tiny_model, n_batch):
 @pytest.mark.parametrize("name,kv", [("f32-gqa8", "f32"), ("f32-mha", "f16"), ("f32-h32", "f16")])
 def test_flash_attention_decoded_rows_on_several_head_layouts(tiny_model, name, kv):
     """Decoding one row at a time with flash attention: every row is a ubatch's last, corrected to the middle keys
-    (patch 0017) in every layer from layer 0, over a rebase; query heads per KV head 8:1, 1:1 and 2:1 (heads of 32).
-    (A q8_0 cache with the same rows is in test_misuse.py, in a child process: its rebase crashed before 0020.)"""
+    (patch 0019) in every layer from layer 0, over a rebase; query heads per KV head 8:1, 1:1 and 2:1 (heads of 32).
+    (A q8_0 cache with the same rows is in test_misuse.py, in a child process: its rebase crashed before 0003.)"""
     path, ref = tiny_model(name)
     tokens = random_tokens(5 * L + 3, seed=23)
     llm = open_topk(path, n_batch=1, layer=0, flash_attn=True, kv=kv)
@@ -223,8 +223,8 @@ def test_flash_attention_decoded_rows_on_several_head_layouts(tiny_model, name, 
 
 @pytest.mark.parametrize("n_batch", [1, 7])
 def test_flash_attention_last_row_paths_agree(tiny_model, n_batch):
-    """The corrected last row has two paths: on the CPU flash attention returns the row's log-sum-exp (0023) and
-    the middle keys merge with it; where a backend cannot, the row's scores take a second pass over K (0017), which
+    """The corrected last row has two paths: on the CPU flash attention returns the row's log-sum-exp (0007) and
+    the middle keys merge with it; where a backend cannot, the row's scores take a second pass over K (0019), which
     the C parameter llama_lminf_topk_params.fa_lse = false (topk_fa_lse=False) forces here. Both match the
     reference, and each other far more closely than either matches it (they differ only in how the same softmax is
     summed); they are not bit-identical, which shows the parameter reaches the graph."""
@@ -245,7 +245,7 @@ def test_flash_attention_last_row_paths_agree(tiny_model, n_batch):
 def test_flash_attention_corrected_rows_in_the_split_kv_and_tiled_kernels(tiny_model, n_batch):
     """The other tests' windows are too small for two of ggml's flash-attention kernels: the split-KV decode kernel
     (one row, n_kv >= 512) and the tiled one (64 rows or more). With L = 600 a decoded row runs the first and a ubatch
-    of 512 the second, and the corrected rows take their log-sum-exps (0023/0024); against the reference within 2e-3.
+    of 512 the second, and the corrected rows take their log-sum-exps (0007/0019); against the reference within 2e-3.
     This catches a gross error (a split-KV log-sum-exp off by 0.4 fails it); test-backend-ops checks these kernels'
     log-sum-exps against the vector kernel's at nmse 1e-7, and the tests above check the vector kernel's finely."""
     path, ref = tiny_model("f32-gqa2")

@@ -1,5 +1,5 @@
 """Mode "lminf-topk" on the models it was refused on (issue 23, item 2): interleaved sliding-window models (tiny gemma3
-and gemma2; patch 0027) and ALiBi models (tiny MPT and BLOOM; patch 0028), against the PyTorch reference.
+and gemma2; patch 0017) and ALiBi models (tiny MPT and BLOOM; patch 0018), against the PyTorch reference.
 
 - iSWA: the middle tokens go to the global layers only (the layers LM-Infinite extends, from topk_layer on); the
   local layers keep their window, their own rope base and no store. gemma2's soft cap applies to the middle keys'
@@ -106,7 +106,7 @@ FLASH_CASES = [(64, 1, 51), (64, 7, 57), (3, 7, 57)]
 @pytest.mark.parametrize("kv", ["f32", "f16"])
 @pytest.mark.parametrize("k,n_batch,seed", FLASH_CASES)
 def test_iswa_topk_flash_attention_matches_reference(gemma, k, n_batch, seed, kv):
-    """Flash attention: the last row of each ubatch corrected to the middle keys (0017/0024), in the global layers; for
+    """Flash attention: the last row of each ubatch corrected to the middle keys (0019), in the global layers; for
     gemma2 the middle keys' scores capped as flash attention caps the cache's."""
     path, ref = gemma
     tokens = random_tokens(5 * L + 3, seed=seed)

@@ -1,4 +1,4 @@
-"""State files of lminf-topk sessions (patch 0026): the middle-token store is saved with the cache, a session
+"""State files of lminf-topk sessions (patch 0016): the middle-token store is saved with the cache, a session
 restored from the file continues exactly as the reference does over the whole stream, and a refused file leaves
 the session as it was (also when the refusal comes after the cache was restored)."""
 
