@@ -38,6 +38,17 @@ def bad_request(message: str, param: Optional[str] = None, code: Optional[str] =
     return RequestError(400, message, param, code)
 
 
+def known_fields(body: dict, known, implements: str = "this server", why: Optional[dict] = None) -> None:
+    """A 400 naming the first field of body that is not in known (why: a reason per refused field), with the count
+    of the others and the list of what `implements` takes."""
+    unknown = sorted(k for k in body if k not in known)
+    if unknown:
+        reason = (why or {}).get(unknown[0])
+        raise bad_request(f"unsupported field {unknown[0]!r}" + (f" ({reason})" if reason else "") +
+                          (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "") +
+                          f"; {implements} implements: " + ", ".join(sorted(known)), unknown[0])
+
+
 @contextlib.contextmanager
 def field_errors():
     """An InvalidInputError of a field check (options' checks, tools.check_tools) as a 400 naming its param."""

@@ -14,7 +14,7 @@ import time
 from typing import Optional
 
 from . import grammar, inputs
-from .httpio import RequestError, bad_request, body_number, field_errors
+from .httpio import RequestError, bad_request, body_number, field_errors, known_fields
 from .options import LLAMA_CPP_PYTHON, MAX_LOGPROBS, SAMPLING, check_return_progress
 from .responses import fallback_template
 
@@ -142,10 +142,7 @@ def _samplers(body: dict, out: dict) -> None:
 def check_completion(body: dict) -> None:
     """POST /completion's own checks before the shared parse: its fields only (a 400 naming any other), and one
     prompt (a string or a list of token ids)."""
-    unknown = sorted(k for k in body if k not in COMPLETION_FIELDS)
-    if unknown:
-        raise bad_request(f"unsupported field {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1
-                          else "") + "; /completion implements: " + ", ".join(sorted(COMPLETION_FIELDS)), unknown[0])
+    known_fields(body, COMPLETION_FIELDS, "/completion")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and not all(isinstance(t, int) and not isinstance(t, bool)
                                                        for t in prompt):

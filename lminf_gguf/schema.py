@@ -10,7 +10,7 @@ import json
 from typing import Optional
 
 from . import llama_api, tools
-from .httpio import bad_request, body_number, field_errors
+from .httpio import bad_request, body_number, field_errors, known_fields
 from .options import (CHAT_SAMPLING, MAX_LOGIT_BIAS, MAX_N, SAMPLING, SAMPLING_FIELDS, Sampling, check_chat_logprobs,
                       check_n, check_logprobs, include_usage)
 
@@ -44,15 +44,6 @@ _REFUSED = {name: "the legacy function calling: use tools" for name in ("functio
 _REFUSED.update({name: "only text is supported" for name in ("audio", "modalities")})
 _REFUSED.update({name: "nothing is stored or tiered here" for name in
                  ("store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier")})
-
-
-def _known_fields(body: dict, known: set) -> None:
-    unknown = sorted(k for k in body if k not in known)
-    if unknown:
-        why = _REFUSED.get(unknown[0])
-        raise bad_request(f"unsupported field {unknown[0]!r}" + (f" ({why})" if why else "") +
-                          (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "") +
-                          "; this server implements: " + ", ".join(sorted(known)), unknown[0])
 
 
 def _sampling(body: dict, base: Sampling) -> dict:
@@ -109,7 +100,7 @@ def parse_completion_request(body: dict, max_tokens_limit: int = MAX_TOKENS_LIMI
     /completion, whose n_predict defaults to -1: max_tokens_default None); "id_slot" is the server's."""
     if "prompt" not in body:
         raise bad_request("missing required field 'prompt'", "prompt")
-    _known_fields(body, COMPLETION_FIELDS)
+    known_fields(body, COMPLETION_FIELDS, why=_REFUSED)
     prompt = _prompt(body["prompt"])
     if body.get("suffix"):
         raise bad_request("'suffix' (fill in the middle) is not supported", "suffix")
@@ -175,7 +166,7 @@ def parse_chat_request(body: dict, max_tokens_limit: int = MAX_TOKENS_LIMIT) -> 
     """Keyword arguments of LMInfinite.create_chat_completion for a /v1/chat/completions body."""
     if "messages" not in body:
         raise bad_request("missing required field 'messages'", "messages")
-    _known_fields(body, CHAT_FIELDS)
+    known_fields(body, CHAT_FIELDS, why=_REFUSED)
     messages = body["messages"]
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list", "messages")
