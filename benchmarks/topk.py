@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from common import austen_path  # benchmarks/common.py
+from topk_store import status_kb, store_disk_bytes  # benchmarks/topk_store.py
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +33,7 @@ CELLS = {  # name -> LMInfinite keyword arguments (flash attention: auto, i.e. o
     "lminf": dict(mode="lminf"),
     "topk exact": dict(mode="lminf-topk"),
     "topk index": dict(mode="lminf-topk", topk_block=64, topk_blocks=8),
+    "topk index, store_dir": dict(mode="lminf-topk", topk_block=64, topk_blocks=8, store_dir="{dir}"),
     "topk exact, flash off": dict(mode="lminf-topk", flash_attn=False),
     "topk index, flash off": dict(mode="lminf-topk", topk_block=64, topk_blocks=8, flash_attn=False),
 }
@@ -39,10 +43,13 @@ def measure_one(args) -> dict:
     import numpy as np
     from lminf_gguf import LMInfinite
 
-    llm = LMInfinite(args.model, n_local=args.n_local, n_batch=args.n_batch, n_threads=args.threads,
-                     **CELLS[args.cell])
+    store_dir = tempfile.mkdtemp(prefix="lminf_store_")
+    cell = {k: (v.replace("{dir}", store_dir) if isinstance(v, str) else v) for k, v in CELLS[args.cell].items()}
+    llm = LMInfinite(args.model, n_local=args.n_local, n_batch=args.n_batch, n_threads=args.threads, **cell)
     text = Path(austen_path()).read_text(encoding="utf-8")
     tokens = llm.tokenize(text[: (args.depth + args.n_decode) * 8])[: args.depth + args.n_decode]
+    if len(tokens) < args.depth + args.n_decode:
+        sys.exit(f"the text has {len(tokens)} tokens, fewer than --depths + --n-decode")
     t0 = time.perf_counter()
     for _ in llm.eval(tokens[: args.depth]):
         pass
@@ -54,7 +61,12 @@ def measure_one(args) -> dict:
             pass
         per_token.append(time.perf_counter() - t)
     info = llm.cache_info()
-    return dict(cell=args.cell, depth=args.depth, flash_attn=info["flash_attn"],
+    mem = status_kb()
+    disk = store_disk_bytes(store_dir if "store_dir" in cell else None)
+    shutil.rmtree(store_dir, ignore_errors=True)
+    return dict(cell=args.cell, depth=args.depth, flash_attn=info["flash_attn"], rss_mb=mem["VmRSS"] / 1024,
+                hwm_mb=mem["VmHWM"] / 1024, anon_mb=mem["RssAnon"] / 1024, file_mb=mem["RssFile"] / 1024,
+                disk_mb=disk / 2**20,
                 prefill_tok_s=args.depth / prefill_s,
                 decode_ms=1000 * float(np.median(per_token)), cells_used=info["cells_used"],
                 store_bytes_per_token=info.get("store_bytes_per_token", 0), store_mb=info.get("store_bytes", 0) / 2**20)
@@ -138,13 +150,18 @@ def main() -> None:
                 rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout))
                 print(rows[-1], file=sys.stderr, flush=True)
         base = {r["depth"]: r["decode_ms"] for r in rows if r["cell"] == "lminf"}
-        print("| depth | cell | flash | decode ms | vs lminf | prefill tok/s | store B/token | store MB |\n"
-              "|---|---|---|---|---|---|---|---|")
+        pre = {r["depth"]: r["prefill_tok_s"] for r in rows if r["cell"] == "lminf"}
+        rss = {r["depth"]: r["hwm_mb"] for r in rows if r["cell"] == "lminf"}
+        print("| depth | cell | flash | decode ms | vs lminf | prefill tok/s | vs lminf | peak RSS MB | vs lminf "
+              "| anon MB | store B/token | store MB | store on disk MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             ratio = r["decode_ms"] / base[r["depth"]] if r["depth"] in base else float("nan")
             flash = "on" if r["flash_attn"] else "off"
+            nan = float("nan")
             print(f"| {r['depth']} | {r['cell']} | {flash} | {r['decode_ms']:.1f} | {ratio:.2f}x "
-                  f"| {r['prefill_tok_s']:.0f} | {r['store_bytes_per_token']} | {r['store_mb']:.0f} |")
+                  f"| {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / pre.get(r['depth'], nan):.2f}x "
+                  f"| {r['hwm_mb']:.0f} | {r['hwm_mb'] / rss.get(r['depth'], nan):.2f}x | {r['anon_mb']:.0f} "
+                  f"| {r['store_bytes_per_token']} | {r['store_mb']:.0f} | {r['disk_mb']:.0f} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(dict(args=vars(args), rows=rows), indent=1))

@@ -7,10 +7,15 @@ spaces, the key sentence "The pass key is K. Remember it. K is the pass key." in
 them (depths spread over the whole input, seeded), then " What is the pass key? The pass key is". K is a random
 integer in [1, 10^7). Raw completion (no chat template), greedy, 8 tokens; found = the first number is K.
 
+--haystack austen: the same key sentence and question in natural text instead of the repeated distractor: a
+passage of Jane Austen's novels (scripts/fetch_data.py austen) from a random line on, the key sentence between two
+of its lines at a random depth (a needle in natural text, where nothing marks the key as the odd sentence out).
+
 Lengths are multiples of the window L (--times 2 4 8: 2L, 4L, 8L tokens). vanilla holds the whole prompt (n_ctx =
 the longest length + 64). Time alone, with an explicit --threads: the seconds are wall-clock per cell.
 
     python scripts/passkey_eval.py -m qwen2.5-coder-0.5b --n-local 256 --times 2 4 8 --trials 4 --threads 1
+    python scripts/passkey_eval.py --haystack austen --modes lminf-topk lminf shift --n-local 256 --times 16 --threads 2
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ TASK = ("There is an important info hidden inside a lot of irrelevant text. Find
 DISTRACTOR = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
-MODES = ("lminf-topk", "lminf", "vanilla")
+MODES = ("lminf-topk", "lminf", "shift", "vanilla")
 
 
 def prompt(tokenize, n_tokens: int, rng: random.Random):
@@ -41,6 +46,24 @@ def prompt(tokenize, n_tokens: int, rng: random.Random):
     text = " ".join([TASK] + [DISTRACTOR] * before + [NEEDLE.format(key=key)] + [DISTRACTOR] * (n - before)
                     + [QUESTION])
     back = len(tokenize(" ".join([NEEDLE.format(key=key)] + [DISTRACTOR] * (n - before) + [QUESTION])))
+    return text, key, back
+
+
+def austen_prompt(tokenize, n_tokens: int, rng: random.Random, lines: list):
+    """The prompt() of --haystack austen: Austen's lines from a random one on as the haystack."""
+    key = rng.randint(1, 10**7 - 1)
+    needle = NEEDLE.format(key=key)
+    fixed = len(tokenize(" ".join([TASK, needle, QUESTION])))
+    start = rng.randrange(len(lines) // 2)
+    hay, n = [], 0
+    for line in lines[start:]:
+        if n >= n_tokens - fixed:
+            break
+        hay.append(line)
+        n += len(tokenize(" " + line))
+    at = rng.randint(0, len(hay))
+    text = " ".join([TASK] + hay[:at] + [needle] + hay[at:] + [QUESTION])
+    back = len(tokenize(" ".join([needle] + hay[at:] + [QUESTION])))
     return text, key, back
 
 
@@ -66,7 +89,20 @@ def main(argv=None) -> int:
     ap.add_argument("--store-type", default=TOPK.store_type, choices=list(STORE_TYPES),
                     help="lminf-topk store type")
     ap.add_argument("--store-dir", default=None, help="lminf-topk: memory-map the store in this directory")
+    ap.add_argument("--haystack", default="repeat", choices=("repeat", "austen"),
+                    help="repeat: the official distractor sentence (default); austen: natural text")
     args = ap.parse_args(argv)
+
+    make_prompt = prompt
+    if args.haystack == "austen":
+        import subprocess
+        from pathlib import Path
+        path = subprocess.run([sys.executable, str(Path(__file__).with_name("fetch_data.py")), "austen"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+        def make_prompt(tokenize, n, rng):
+            return austen_prompt(tokenize, n, rng, lines)
 
     from lminf_gguf import LMInfinite
 
@@ -83,7 +119,7 @@ def main(argv=None) -> int:
             rng = random.Random(f"{args.seed}-{n}")   # the same prompts for every mode
             ok, far, t0 = 0, 0, time.perf_counter()
             for _ in range(args.trials):
-                text, key, back = prompt(llm.tokenize, n, rng)
+                text, key, back = make_prompt(llm.tokenize, n, rng)
                 answer = llm.generate(text, max_tokens=8, temperature=0)
                 ok += found(answer, key)
                 far += back > args.n_local
@@ -93,7 +129,8 @@ def main(argv=None) -> int:
         llm.close()
 
     index = f"block index {args.topk_block}x{args.topk_blocks}" if args.topk_block else "exact scan"
-    print(f"passkey, official format, {args.model}, G = {args.n_global}, L = {args.n_local}, lminf-topk: {index}, "
+    fmt = "official format" if args.haystack == "repeat" else "key sentence in Austen's text"
+    print(f"passkey, {fmt}, {args.model}, G = {args.n_global}, L = {args.n_local}, lminf-topk: {index}, "
           f"{args.store_type} store; {args.trials} prompts per "
           f"cell, {args.threads} thread(s): found / prompts (of which k had the key behind the window; seconds for "
           "the cell)")
