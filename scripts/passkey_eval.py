@@ -82,6 +82,9 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, required=True, help="CPU threads (explicit: time alone)")
+    ap.add_argument("--topk", type=int, default=TOPK.k, help=f"lminf-topk: middle tokens per KV head ({TOPK.k})")
+    ap.add_argument("--topk-layer", type=int, default=TOPK.layer_first,
+                    help=f"lminf-topk: first layer that picks them ({TOPK.layer_first})")
     ap.add_argument("--topk-block", type=int, default=TOPK.block,
                     help="lminf-topk block index: keys per block (0, the default: exact scan)")
     ap.add_argument("--topk-blocks", type=int, default=TOPK.n_blocks,
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
         kw = dict(n_ctx=max(lengths) + 64) if mode == "vanilla" else dict(n_local=args.n_local,
                                                                           n_global=args.n_global)
         if mode == "lminf-topk":
-            kw.update(topk_block=args.topk_block, topk_blocks=args.topk_blocks, store_type=args.store_type,
+            kw.update(topk=args.topk, topk_layer=args.topk_layer, topk_block=args.topk_block, topk_blocks=args.topk_blocks, store_type=args.store_type,
                       store_dir=args.store_dir)
         llm = LMInfinite(args.model, mode=mode, n_batch=min(512, args.n_local), n_threads=args.threads, **kw)
         for times, n in zip(args.times, lengths):
@@ -130,7 +133,8 @@ def main(argv=None) -> int:
 
     index = f"block index {args.topk_block}x{args.topk_blocks}" if args.topk_block else "exact scan"
     fmt = "official format" if args.haystack == "repeat" else "key sentence in Austen's text"
-    print(f"passkey, {fmt}, {args.model}, G = {args.n_global}, L = {args.n_local}, lminf-topk: {index}, "
+    print(f"passkey, {fmt}, {args.model}, G = {args.n_global}, L = {args.n_local}, "
+          f"lminf-topk: k {args.topk} from layer {args.topk_layer}, {index}, "
           f"{args.store_type} store; {args.trials} prompts per "
           f"cell, {args.threads} thread(s): found / prompts (of which k had the key behind the window; seconds for "
           "the cell)")
