@@ -34,6 +34,8 @@ CELLS = {  # name -> LMInfinite keyword arguments (flash attention: auto, i.e. o
     "topk exact": dict(mode="lminf-topk"),
     "topk index": dict(mode="lminf-topk", topk_block=64, topk_blocks=8),
     "topk index, store_dir": dict(mode="lminf-topk", topk_block=64, topk_blocks=8, store_dir="{dir}"),
+    "topk index, store_dir, from layer 12": dict(mode="lminf-topk", topk_block=64, topk_blocks=8, store_dir="{dir}",
+                                                 topk_layer=12),
     "topk exact, flash off": dict(mode="lminf-topk", flash_attn=False),
     "topk index, flash off": dict(mode="lminf-topk", topk_block=64, topk_blocks=8, flash_attn=False),
 }
