@@ -108,6 +108,7 @@ def main(argv=None) -> int:
             return austen_prompt(tokenize, n, rng, lines)
 
     from lminf_gguf import LMInfinite
+    from lminf_gguf.errors import InvalidInputError
 
     lengths = [t * args.n_local for t in args.times]
     rows = {}
@@ -117,7 +118,10 @@ def main(argv=None) -> int:
         if mode == "lminf-topk":
             kw.update(topk=args.topk, topk_layer=args.topk_layer, topk_block=args.topk_block, topk_blocks=args.topk_blocks, store_type=args.store_type,
                       store_dir=args.store_dir)
-        llm = LMInfinite(args.model, mode=mode, n_batch=min(512, args.n_local), n_threads=args.threads, **kw)
+        try:
+            llm = LMInfinite(args.model, mode=mode, n_batch=min(512, args.n_local), n_threads=args.threads, **kw)
+        except (InvalidInputError, FileNotFoundError) as e:
+            ap.error(str(e))
         for times, n in zip(args.times, lengths):
             rng = random.Random(f"{args.seed}-{n}")   # the same prompts for every mode
             ok, far, t0 = 0, 0, time.perf_counter()
