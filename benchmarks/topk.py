@@ -90,8 +90,8 @@ def recall(args) -> list:
         """The exact top-k forward; at each choosing row, also the block index's choice, compared."""
 
         def _topk_extra(self, q, k, middle, topk):
-            extra, qd, k0_rep = super()._topk_extra(q, k, middle, topk)
-            k0 = self.rope(k, 0.0)
+            res = super()._topk_extra(q, k, middle, topk)
+            qd, k0 = self.rope(q, float(topk.dist)), self.rope(k, 0.0)
             rep = self.hp.n_head // self.hp.n_head_kv
             for i in topk.rows:
                 mid = torch.nonzero(middle[i]).flatten()
@@ -105,7 +105,7 @@ def recall(args) -> list:
                         cand = probe.candidates(i, mid, k0, q_sel, hk)
                         got = set(cand[torch.topk(k0[cand, hk] @ q_sel, min(topk.k, len(cand))).indices].tolist())
                         hits[(b, m)].append(len(exact & got) / topk.k)
-            return extra, qd, k0_rep
+            return res
 
     ref = load_gguf(path)
     probe = Probe(ref.hp, ref.t)

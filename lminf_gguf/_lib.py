@@ -103,7 +103,8 @@ llama_init_from_model_lminf = _bind(
 class llama_lminf_topk_params(ctypes.Structure):
     _fields_ = [("k", ctypes.c_int32), ("layer_first", ctypes.c_int32), ("dist", ctypes.c_int32),
                 ("type", ctypes.c_int), ("seg_rows", ctypes.c_uint32), ("block", ctypes.c_uint32),
-                ("n_blocks", ctypes.c_uint32), ("dir", ctypes.c_char_p), ("fa_lse", ctypes.c_bool)]
+                ("n_blocks", ctypes.c_uint32), ("n_units", ctypes.c_uint32), ("dir", ctypes.c_char_p),
+                ("fa_lse", ctypes.c_bool)]
 
 
 llama_lminf_topk_default_params = _bind("llama_lminf_topk_default_params", [], llama_lminf_topk_params)

@@ -151,12 +151,12 @@ class LlamaBatch:
 
 
 def topk_params(k: int, layer_first: int, dist: int, store_type: str, seg_rows: int, block: int, n_blocks: int,
-                store_dir, fa_lse: bool = True) -> "_lib.llama_lminf_topk_params":
+                store_dir, fa_lse: bool = True, n_units: int = 0) -> "_lib.llama_lminf_topk_params":
     """llama_lminf_topk_params (llama.h) from LMInfinite's top-k arguments: every field set here."""
     params = _lib.llama_lminf_topk_params()
     params.k, params.layer_first, params.dist = k, layer_first, dist
     params.type, params.seg_rows = STORE_TYPES[store_type], seg_rows
-    params.block, params.n_blocks = block, n_blocks
+    params.block, params.n_blocks, params.n_units = block, n_blocks, n_units
     params.dir = os.fsencode(store_dir) if store_dir is not None else None
     params.fa_lse = fa_lse
     return params

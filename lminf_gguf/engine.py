@@ -81,6 +81,10 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
     topk_block, topk_blocks ("lminf-topk"): block index; with topk_block > 0 (dividing store_segment) a query
         scores blocks of topk_block keys by an upper bound (element-wise min/max) and scans the keys of its
         topk_blocks best blocks per segment only, instead of every middle key.
+    topk_units ("lminf-topk" with topk_block > 0): 0 (default) attends the topk best single keys at topk_dist;
+        n > 0 attends, of the scanned blocks, the n whose keys take most of the query's softmax, whole and in stream
+        order at distances topk_dist ... topk_dist + n*topk_block - 1 (InfLLM's memory units: a passage keeps the
+        order of its tokens), and the topk best single keys of the rows outside indexed blocks.
     topk_fa_lse ("lminf-topk", flash attention): True (default) corrects each ubatch's last row with the log-sum-exp
         flash attention returns where the device computes it (the CPU); False takes the second pass over K of the
         devices that do not (the same softmax summed another way; for comparisons).
@@ -99,7 +103,7 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
                  topk: int = TOPK.k, topk_layer: int = TOPK.layer_first, topk_dist: Optional[int] = None,
                  store_type: str = TOPK.store_type, store_dir: Union[str, os.PathLike, None] = None,
                  store_segment: int = TOPK.seg_rows, topk_block: int = TOPK.block, topk_blocks: int = TOPK.n_blocks,
-                 topk_fa_lse: bool = True,
+                 topk_units: int = TOPK.n_units, topk_fa_lse: bool = True,
                  rpc_servers: Optional[str] = None, rpc_timeout: Optional[float] = None, verbose: bool = False):
         # what this session owns (its model unless shared, context, batch), freed in reverse order by _free
         self._owned = contextlib.ExitStack()
@@ -112,7 +116,7 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
                            n_ubatch=n_ubatch, n_ctx=n_ctx, type_k=type_k, type_v=type_v, topk=topk,
                            topk_layer=topk_layer, topk_dist=topk_dist, store_type=store_type, store_dir=store_dir,
                            store_segment=store_segment, topk_block=topk_block, topk_blocks=topk_blocks,
-                           flash_attn=flash_attn)
+                           topk_units=topk_units, flash_attn=flash_attn)
 
         # a shared Model stays open when this session closes; one loaded here is this session's own
         self._own_model = not isinstance(model, Model)
@@ -154,7 +158,7 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
             self.topk_dist = topk_dist or max(1, self.n_local // 2)
             self.store_type = store_type
             topk_params = context.topk_params(topk, topk_layer, self.topk_dist, store_type, store_segment, topk_block,
-                                              topk_blocks, store_dir, topk_fa_lse)
+                                              topk_blocks, store_dir, topk_fa_lse, topk_units)
         with self.model.context_lock, _lib.verbosity(verbose):
             _lib.last_errors()
             ctx = new_context(self, cparams, n_ctx, topk_params)

@@ -262,6 +262,7 @@ class TopK:
     seg_rows: int = 4096      # rows of the first store segment
     block: int = 0            # block index: keys per block (0: exact scan)
     n_blocks: int = 8         # blocks scanned per segment
+    n_units: int = 0          # of those, whole blocks attended in stream order (needs block > 0; 0: single keys)
 
 
 TOPK = TopK()
@@ -312,6 +313,9 @@ def add_model_flags(p: argparse.ArgumentParser, several_modes: bool = False, mod
                    help="lminf-topk: block index with blocks of this many keys (default 0: exact scan)")
     p.add_argument("--topk-blocks", type=int, default=TOPK.n_blocks,
                    help=f"lminf-topk: blocks scanned per segment (default {TOPK.n_blocks})")
+    p.add_argument("--topk-units", type=int, default=TOPK.n_units,
+                   help="lminf-topk with --topk-block: attend this many of the scanned blocks whole, in stream order "
+                        f"(memory units; default {TOPK.n_units}: single keys)")
     p.add_argument("--store-type", default=TOPK.store_type, choices=list(STORE_TYPES),
                    help=f"lminf-topk: type of the middle-token store (default {TOPK.store_type})")
     p.add_argument("--store-dir", help="lminf-topk: keep the store in memory-mapped files in this directory")
@@ -377,7 +381,8 @@ def ignored_options(args) -> list:
         out.append("--dist-max is used with the distance ceiling only (lminf, lminf-topk): ignored")
     given = (("--topk", args.topk, TOPK.k), ("--topk-layer", args.topk_layer, TOPK.layer_first),
              ("--topk-dist", args.topk_dist, None), ("--topk-block", args.topk_block, TOPK.block),
-             ("--topk-blocks", args.topk_blocks, TOPK.n_blocks), ("--store-type", args.store_type, TOPK.store_type),
+             ("--topk-blocks", args.topk_blocks, TOPK.n_blocks), ("--topk-units", args.topk_units, TOPK.n_units),
+             ("--store-type", args.store_type, TOPK.store_type),
              ("--store-dir", args.store_dir, None))
     topk_flags = [flag for flag, value, default in given if value != default]
     if topk_flags and not any(MODES[m].topk for m in modes):
@@ -393,12 +398,13 @@ def engine_kwargs(args, mode: Optional[str] = None, n_ctx: Optional[int] = None,
                 n_gpu_layers=args.n_gpu_layers, rpc_servers=getattr(args, "rpc_servers", None),
                 rpc_timeout=getattr(args, "rpc_timeout", None), verbose=args.verbose, topk=args.topk,
                 topk_layer=args.topk_layer, topk_dist=args.topk_dist, topk_block=args.topk_block,
-                topk_blocks=args.topk_blocks, store_type=args.store_type, store_dir=args.store_dir)
+                topk_blocks=args.topk_blocks, topk_units=args.topk_units, store_type=args.store_type,
+                store_dir=args.store_dir)
 
 
 def check_session_args(*, mode, n_global, n_local, dist_max, n_batch, n_ubatch, n_ctx, type_k, type_v, topk,
                        topk_layer, topk_dist, store_type, store_dir, store_segment, topk_block, topk_blocks,
-                       flash_attn=None) -> None:
+                       topk_units=0, flash_attn=None) -> None:
     """LMInfinite's arguments checked before anything is loaded: InvalidInputError names the first bad one."""
     if mode not in MODES:
         raise InvalidInputError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -406,9 +412,12 @@ def check_session_args(*, mode, n_global, n_local, dist_max, n_batch, n_ubatch, 
                              ("n_batch", n_batch, 1), ("n_ubatch", n_ubatch, 1), ("n_ctx", n_ctx, 1),
                              ("topk", topk, 1), ("topk_layer", topk_layer, 0), ("topk_dist", topk_dist, 1),
                              ("store_segment", store_segment, 1), ("topk_block", topk_block, 0),
-                             ("topk_blocks", topk_blocks, 1)):
+                             ("topk_blocks", topk_blocks, 1), ("topk_units", topk_units, 0)):
         if value is not None and (not isinstance(value, int) or value < low):
             raise InvalidInputError(f"{name} must be an integer >= {low}, not {value!r}")
+    if topk_units and not topk_block:
+        raise InvalidInputError(f"topk_units={topk_units} attends whole blocks of the block index: it needs "
+                                "topk_block > 0")
     for name, value in (("type_k", type_k), ("type_v", type_v)):
         if value not in KV_TYPES:
             raise InvalidInputError(f"{name} must be one of {', '.join(KV_TYPES)}, not {value!r}")

@@ -89,6 +89,9 @@ def main(argv=None) -> int:
                     help="lminf-topk block index: keys per block (0, the default: exact scan)")
     ap.add_argument("--topk-blocks", type=int, default=TOPK.n_blocks,
                     help="lminf-topk block index: blocks scanned per segment")
+    ap.add_argument("--topk-dist", type=int, default=None, help="lminf-topk: distance of the middle tokens (L/2)")
+    ap.add_argument("--topk-units", type=int, default=TOPK.n_units,
+                    help="lminf-topk block index: of those, blocks attended whole in stream order (0: single keys)")
     ap.add_argument("--store-type", default=TOPK.store_type, choices=list(STORE_TYPES),
                     help="lminf-topk store type")
     ap.add_argument("--store-dir", default=None, help="lminf-topk: memory-map the store in this directory")
@@ -116,7 +119,8 @@ def main(argv=None) -> int:
         kw = dict(n_ctx=max(lengths) + 64) if mode == "vanilla" else dict(n_local=args.n_local,
                                                                           n_global=args.n_global)
         if mode == "lminf-topk":
-            kw.update(topk=args.topk, topk_layer=args.topk_layer, topk_block=args.topk_block, topk_blocks=args.topk_blocks, store_type=args.store_type,
+            kw.update(topk=args.topk, topk_layer=args.topk_layer, topk_block=args.topk_block, topk_blocks=args.topk_blocks,
+                      topk_units=args.topk_units, topk_dist=args.topk_dist, store_type=args.store_type,
                       store_dir=args.store_dir)
         try:
             llm = LMInfinite(args.model, mode=mode, n_batch=min(512, args.n_local), n_threads=args.threads, **kw)
@@ -136,6 +140,10 @@ def main(argv=None) -> int:
         llm.close()
 
     index = f"block index {args.topk_block}x{args.topk_blocks}" if args.topk_block else "exact scan"
+    if args.topk_units:
+        index += f", {args.topk_units} memory units"
+    if args.topk_dist:
+        index += f", topk_dist {args.topk_dist}"
     fmt = "official format" if args.haystack == "repeat" else "key sentence in Austen's text"
     print(f"passkey, {fmt}, {args.model}, G = {args.n_global}, L = {args.n_local}, "
           f"lminf-topk: k {args.topk} from layer {args.topk_layer}, {index}, "

@@ -151,11 +151,19 @@ class TopK:
     n_blocks: int = 0    # blocks per segment whose keys are candidates
     seg_rows: int = 4096  # first segment's rows
     n_batch: int = 1     # tokens per decode call (blocks are indexed between calls)
+    units: int = 0       # whole blocks attended per KV head, in stream order (needs block > 0; 0: single keys)
 
     def candidates(self, i, mid, k0, q_sel, hk):
         """Middle positions (a subset of ``mid``) the query row i may choose from in KV head hk."""
         if self.block == 0:
             return mid
+        exact, blocks = self.split(i, mid, k0, q_sel, hk)
+        B = self.block
+        chosen = [r for b in blocks for r in range(b * B, (b + 1) * B)]
+        return torch.as_tensor(sorted(exact + chosen), dtype=torch.int64)
+
+    def split(self, i, mid, k0, q_sel, hk):
+        """(rows outside indexed blocks, the indexed blocks the bound chose) for the query row i in KV head hk."""
         B = self.block
         mid0, mid1 = int(mid[0]), int(mid[-1]) + 1
         blk0 = -(-mid0 // B)
@@ -170,9 +178,34 @@ class TopK:
                 keys = torch.stack([k0[b * B:(b + 1) * B, hk] for b in blocks])  # [nb, B, D]
                 bound = (q_sel.clamp(min=0) * keys.max(1).values + q_sel.clamp(max=0) * keys.min(1).values).sum(-1)
                 best = torch.topk(bound, min(self.n_blocks, len(blocks))).indices
-                chosen += [r for j in best.tolist() for r in range(blocks[j] * B, (blocks[j] + 1) * B)]
+                chosen += [blocks[j] for j in best.tolist()]
             seg_begin, s = seg_end, s + 1
-        return torch.as_tensor(sorted(exact + chosen), dtype=torch.int64)
+        return exact, chosen
+
+    def unit_order(self, blocks):
+        """The chosen blocks (best first) in the order they are placed: the stream's."""
+        return sorted(blocks)
+
+    def units_choice(self, i, mid, k0, q_sel, hk, scale):
+        """Memory units (units > 0): ({row: extra distance}) of the middle keys row i attends in KV head hk: the
+        k best single keys of the rows outside indexed blocks (extra 0), and of the blocks the bound chose, the
+        ``units`` whose keys take most of softmax(scale * q_sel.k), in stream order, row r*B + t of the
+        n sorted ones at extra distance n*B - 1 - (r*B + t)."""
+        B = self.block
+        exact, blocks = self.split(i, mid, k0, q_sel, hk)
+        out = {}
+        if exact:
+            rows = torch.as_tensor(exact, dtype=torch.int64)
+            best = torch.topk(k0[rows, hk] @ q_sel, min(self.k, len(exact))).indices
+            out.update({int(rows[b]): 0 for b in best})
+        if blocks:
+            keys = torch.stack([k0[b * B:(b + 1) * B, hk] for b in blocks])  # [nb, B, D]
+            p = torch.softmax((keys @ q_sel).flatten() * scale, 0).reshape(len(blocks), B)
+            best = torch.topk(p.sum(1), min(self.units, len(blocks))).indices
+            chosen = self.unit_order([blocks[b] for b in best.tolist()])
+            n = len(chosen) * B
+            out.update({b * B + t: n - 1 - (r * B + t) for r, b in enumerate(chosen) for t in range(B)})
+        return out
 
 
 def _field_value(reader: gguf.GGUFReader, key: str, default=None):
@@ -367,35 +400,52 @@ class RefModel:
         return out
 
     # ---------------------------------------------------------------- blocks
+    def scale(self) -> float:
+        """The attention's scale of q.k."""
+        return self.hp.attn_scale if self.hp.attn_scale != 0.0 else 1.0 / math.sqrt(self.hp.head_dim)
+
     def _rmsnorm(self, x, w):
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + self.hp.rms_eps) * w
 
     def _topk_extra(self, q, k, middle, topk):
-        """[H, T, T] bool: the middle keys each query head attends to (per KV head choice, see the module doc)."""
+        """([H, T, T] bool, [H, T, T] scores): the middle keys each query head attends to (per KV head choice, see
+        the module doc) and their unscaled scores at distance topk.dist plus their extra distance (memory units)."""
         hp = self.hp
         rep = hp.n_head // hp.n_head_kv
         qd = self.rope(q, float(topk.dist))  # [T, H, D]
         k0 = self.rope(k, 0.0)  # [T, Hkv, D]
-        extra = self._topk_choice(qd, k0, middle, topk)
-        return extra, qd, k0.repeat_interleave(rep, dim=1)
+        extra, off = self._topk_choice(qd, k0, middle, topk)
+        s = torch.einsum("ihd,jhd->hij", qd, k0.repeat_interleave(rep, dim=1))
+        for o in off.unique().tolist():
+            if o > 0:  # a key at position -o: distance topk.dist + o from the query at topk.dist
+                s_o = torch.einsum("ihd,jhd->hij", qd, self.rope(k, -float(o)).repeat_interleave(rep, dim=1))
+                s = torch.where(off == o, s_o, s)
+        return extra, s
 
     def _topk_choice(self, q, k_kv, middle, topk):
-        """[n_head, T, T] mask of the middle keys each row of topk.rows attends: per KV head the topk.k of the
-        highest q.k, q summed over the head's query heads (q [T, H, D], k_kv [T, Hkv, D] as scored)."""
+        """([n_head, T, T] mask, [n_head, T, T] extra distances) of the middle keys each row of topk.rows attends:
+        per KV head the topk.k of the highest q.k, q summed over the head's query heads (q [T, H, D], k_kv
+        [T, Hkv, D] as scored), or with topk.units the memory units of TopK.units_choice."""
         hp = self.hp
         rep = hp.n_head // hp.n_head_kv
         T = q.shape[0]
         extra = torch.zeros(hp.n_head, T, T, dtype=torch.bool)
+        off = torch.zeros(hp.n_head, T, T, dtype=torch.int64)
         for i in topk.rows:
             mid = torch.nonzero(middle[i]).flatten()
             if len(mid) == 0:
                 continue
             for hk in range(hp.n_head_kv):
                 q_sel = q[i, hk * rep:(hk + 1) * rep].sum(0)
+                if topk.units:
+                    for j, o in topk.units_choice(i, mid, k_kv, q_sel, hk, self.scale()).items():
+                        extra[hk * rep:(hk + 1) * rep, i, j] = True
+                        off[hk * rep:(hk + 1) * rep, i, j] = o
+                    continue
                 cand = topk.candidates(i, mid, k_kv, q_sel, hk)
                 best = torch.topk(k_kv[cand, hk] @ q_sel, min(topk.k, len(cand))).indices
                 extra[hk * rep:(hk + 1) * rep, i, cand[best]] = True
-        return extra
+        return extra, off
 
     def _attention(self, il, h, pos, mode, n_global, n_local, dist_max, topk=None):
         hp = self.hp
@@ -433,7 +483,7 @@ class RefModel:
         k = k.repeat_interleave(rep, dim=1)  # [T, n_head, D]
         v = v.repeat_interleave(rep, dim=1)
 
-        scale = hp.attn_scale if hp.attn_scale != 0.0 else 1.0 / math.sqrt(D)
+        scale = self.scale()
 
         pi = pos[:, None]
         pj = pos[None, :]
@@ -475,8 +525,8 @@ class RefModel:
         if topk is not None and il >= topk.layer:
             if mode != "lminf":
                 raise ValueError("top-k middle tokens are defined on top of mode 'lminf'")
-            extra, qd, k0 = self._topk_extra(q, k_kv, causal & ~near & ~glob, topk)
-            s = torch.where(extra, self._softcap(torch.einsum("ihd,jhd->hij", qd, k0) * scale), s)  # gemma2: capped too
+            extra, s_top = self._topk_extra(q, k_kv, causal & ~near & ~glob, topk)
+            s = torch.where(extra, self._softcap(s_top * scale), s)  # gemma2: capped too
             visible = visible | extra
 
         s = s.masked_fill(~visible, float("-inf"))
@@ -512,8 +562,8 @@ class RefModel:
         if topk is not None and il >= topk.layer:
             if mode != "lminf":
                 raise ValueError("top-k middle tokens are defined on top of mode 'lminf'")
-            extra = self._topk_extra_alibi(q, k, causal & (dist >= n_local) & (pj >= n_global), topk)
-            s = torch.where(extra, s0 - slopes * float(topk.dist), s)  # the chosen keys at distance topk.dist
+            extra, off = self._topk_extra_alibi(q, k, causal & (dist >= n_local) & (pj >= n_global), topk)
+            s = torch.where(extra, s0 - slopes * (float(topk.dist) + off), s)  # at topk.dist (+ a unit's offset)
             visible = visible[None] | extra  # [H, T, T]
         s = s.masked_fill(~visible, float("-inf"))
         a = torch.softmax(s, dim=-1)
@@ -526,7 +576,7 @@ class RefModel:
     def _topk_extra_alibi(self, q, k, middle, topk):
         """_topk_extra for ALiBi (q, k [T, H, D], k repeated over the query heads): nothing is rotated; each KV head
         keeps the middle keys of the highest q.k (summed over its query heads), as the bias -slope_h * topk.dist is
-        the same for every middle key of a head."""
+        the same for every middle key of a head (memory units: chosen by q.k too, their offsets in the bias)."""
         hp = self.hp
         rep = hp.n_head // hp.n_head_kv
         return self._topk_choice(q, k[:, ::rep], middle, topk)  # k [T, H, D] repeated per query head: one per KV head

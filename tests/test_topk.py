@@ -268,3 +268,80 @@ def test_flash_attention_keeps_the_middle_tokens(tiny_model):
     assert rel_err(flash_plain.logits(tokens), reference(ref, tokens)) > 20 * HALF
 
 
+
+
+@pytest.mark.parametrize("segment", [16, 4096])
+@pytest.mark.parametrize("n_batch", [1, 7, 16])
+@pytest.mark.parametrize("block,n_blocks,units", [(4, 2, 1), (4, 1000, 3), (8, 2, 2)])
+def test_memory_units_match_reference(tiny_model, block, n_blocks, units, n_batch, segment):
+    """topk_units: whole blocks in stream order at their relative distances, the single keys of the other rows."""
+    path, ref = tiny_model("f32-gqa2")
+    tokens = random_tokens(8 * L + 5, seed=block + units + n_batch)
+    llm = open_topk(path, n_batch=n_batch, store_segment=segment, topk_block=block, topk_blocks=n_blocks,
+                    topk_units=units)
+    want = reference(ref, tokens, n_batch=n_batch, block=block, n_blocks=n_blocks, seg_rows=segment, units=units)
+    err = rel_err(llm.logits(tokens), want)
+    assert err <= EXACT, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ["f32-mha", "f32-gqa8", "f32-yarn2"])
+def test_memory_units_on_architectures_and_long_streams(tiny_model, name):
+    """Several store segments and rebases; head layouts 1:1 and 8:1; YaRN (the units' keys rotated as pure
+    rotations, the magnitude factor once)."""
+    path, ref = tiny_model(name)
+    tokens = random_tokens(20 * L, seed=19)
+    llm = open_topk(path, n_batch=16, store_segment=16, topk_block=4, topk_blocks=2, topk_units=2)
+    want = reference(ref, tokens, n_batch=16, block=4, n_blocks=2, seg_rows=16, units=2)
+    err = rel_err(llm.logits(tokens), want)
+    assert llm.cache_info()["rebases"] >= 5 and err <= EXACT, err
+
+
+@pytest.mark.parametrize("fa_lse", [True, False])
+@pytest.mark.parametrize("n_batch", [7, 16])
+def test_memory_units_with_flash_attention(tiny_model, n_batch, fa_lse):
+    """Flash attention's last-row correction (0019) over the units' keys, both of its paths."""
+    path, ref = tiny_model("f32-gqa2")
+    tokens = random_tokens(8 * L + 5, seed=40 + n_batch)
+    llm = open_topk(path, n_batch=n_batch, store_segment=16, topk_block=4, topk_blocks=2, topk_units=2,
+                    flash_attn=True, kv="f16", topk_fa_lse=fa_lse)
+    assert llm.cache_info()["flash_attn"] is True
+    want = reference(ref, tokens, n_batch=n_batch, block=4, n_blocks=2, seg_rows=16, units=2)
+    err = rel_err(llm.logits(tokens), want)
+    assert err <= HALF, f"relative error {err:.2e}"
+
+
+class UnitsAtOneDistance(TopK):
+    """A wrong variant, for the guards: the units' keys all at topk_dist (their order lost, as single keys')."""
+
+    def units_choice(self, *args):
+        return dict.fromkeys(super().units_choice(*args), 0)
+
+
+class UnitsInScoreOrder(TopK):
+    """A wrong variant, for the guards: the units placed in the order of their mass, not of the stream."""
+
+    def unit_order(self, blocks):
+        return blocks
+
+
+def test_memory_units_guards(tiny_model):
+    """Guards the tests above: the units change the logits, and so do their distances and their order."""
+    path, ref = tiny_model("f32-gqa2")
+    tokens = random_tokens(8 * L + 5, seed=23)
+    kw = dict(n_batch=16, store_segment=16, topk_block=4, topk_blocks=1000)
+    got = open_topk(path, topk_units=3, **kw).logits(tokens)
+    assert rel_err(got, open_topk(path, **kw).logits(tokens)) > 100 * EXACT
+    rows = last_rows(len(tokens), 16)
+    for wrong in (UnitsAtOneDistance, UnitsInScoreOrder):
+        topk = wrong(3, 1, L // 2, rows, block=4, n_blocks=1000, seg_rows=16, n_batch=16, units=3)
+        err = rel_err(got, ref.logits(tokens, mode="lminf", n_global=G, n_local=L, dist_max=L, topk=topk))
+        assert err > 100 * EXACT, (wrong.__name__, err)
+
+
+@pytest.mark.parametrize("kw", [dict(topk_units=2), dict(topk_units=-1, topk_block=4),
+                                dict(topk_units=1.5, topk_block=4)])
+def test_memory_units_bad_settings_are_refused(tiny_model, kw):
+    from lminf_gguf import InvalidInputError
+    path, _ = tiny_model("f32-gqa2")
+    with pytest.raises(InvalidInputError, match="topk_units"):
+        open_topk(path, **kw)

@@ -44,9 +44,21 @@ def open_topk(path, *, n_batch=7, k=3, layer=1, dist=DIST, **kw):
                       topk_layer=layer, topk_dist=dist, store_type="f32", n_threads=1, **kw)
 
 
-def reference(ref, tokens, *, n_batch=7, k=3, layer=1, dist=DIST):
+def reference(ref, tokens, *, n_batch=7, k=3, layer=1, dist=DIST, **index):
+    """index: block, n_blocks, seg_rows, units for the block index and its memory units."""
+    if index:
+        index["n_batch"] = n_batch
     return ref.logits(tokens, mode="lminf", n_global=G, n_local=L, dist_max=L,
-                      topk=TopK(k, layer, dist, last_rows(len(tokens), n_batch)))
+                      topk=TopK(k, layer, dist, last_rows(len(tokens), n_batch), **index))
+
+
+UNITS = dict(block=4, n_blocks=2, seg_rows=16, units=2)
+
+
+def open_units(path, **kw):
+    """open_topk with UNITS' memory units."""
+    return open_topk(path, store_segment=UNITS["seg_rows"], topk_block=UNITS["block"],
+                     topk_blocks=UNITS["n_blocks"], topk_units=UNITS["units"], **kw)
 
 
 # --------------------------------------------------------------------------------------------------------- iSWA
@@ -130,6 +142,19 @@ def test_iswa_topk_long_stream(gemma):
     assert info["rebases"] >= 5 and err <= EXACT, (info, err)
     assert info["cells_used"] <= info["cells_bound"] == G + L + 16 + info["cells_swa"]
     assert info["store_rows"] == len(tokens)
+
+
+@pytest.mark.parametrize("flash", [False, True])
+def test_iswa_memory_units_match_reference(gemma, flash):
+    """Memory units (whole blocks in stream order) in the global layers; with flash attention, f16 K and V."""
+    path, ref = gemma
+    tokens = random_tokens(12 * L, seed=29)
+    llm = open_units(path, n_batch=16, layer=0, flash_attn=flash, kv="f16" if flash else "f32")
+    got = llm.logits(tokens)
+    llm.close()
+    err = rel_err(got, reference(ref, tokens, n_batch=16, layer=0, **UNITS))
+    assert err <= (HALF if flash else EXACT), f"relative error {err:.2e}"
+    assert rel_err(got, reference(ref, tokens, n_batch=16, layer=0)) > 100 * EXACT  # the units matter
 
 
 def test_iswa_store_holds_the_global_layers_only(gemma):
@@ -271,6 +296,21 @@ def test_alibi_topk_long_stream(alibi):
     err = rel_err(got, reference(ref, tokens, n_batch=16, layer=0))
     assert info["rebases"] >= 5 and err <= EXACT, (info, err)
     assert info["store_rows"] == len(tokens)
+
+
+@pytest.mark.parametrize("flash", [False, True])
+def test_alibi_memory_units_match_reference(alibi, flash):
+    """Memory units on ALiBi: each unit key biased at its own distance (topk_dist + its offset) in the mask. (Seed
+    31 puts mpt's flash path at 2.4e-3, from row 18 on, before any row has middle tokens: flash attention's f16
+    floor on this model, see the fixture; seed 34 flips a near tie in both paths, 4.4e-3.)"""
+    path, ref = alibi
+    tokens = random_tokens(12 * L, seed=32)
+    llm = open_units(path, n_batch=16, layer=0, flash_attn=flash, kv="f16" if flash else "f32")
+    got = llm.logits(tokens)
+    llm.close()
+    err = rel_err(got, reference(ref, tokens, n_batch=16, layer=0, **UNITS))
+    assert err <= (HALF if flash else EXACT), f"relative error {err:.2e}"
+    assert rel_err(got, reference(ref, tokens, n_batch=16, layer=0)) > 100 * EXACT  # the units matter
 
 
 def test_alibi_guards(alibi):
