@@ -89,6 +89,7 @@ def main(argv=None) -> int:
                     help="lminf-topk block index: keys per block (0, the default: exact scan)")
     ap.add_argument("--topk-blocks", type=int, default=TOPK.n_blocks,
                     help="lminf-topk block index: blocks scanned per segment")
+    ap.add_argument("--n-batch", type=int, default=None, help="tokens per llama_decode call (default min(512, L))")
     ap.add_argument("--topk-dist", type=int, default=None, help="lminf-topk: distance of the middle tokens (L/2)")
     ap.add_argument("--topk-units", type=int, default=TOPK.n_units,
                     help="lminf-topk block index: of those, blocks attended whole in stream order (0: single keys)")
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
                       topk_units=args.topk_units, topk_dist=args.topk_dist, store_type=args.store_type,
                       store_dir=args.store_dir)
         try:
-            llm = LMInfinite(args.model, mode=mode, n_batch=min(512, args.n_local), n_threads=args.threads, **kw)
+            llm = LMInfinite(args.model, mode=mode, n_batch=args.n_batch or min(512, args.n_local), n_threads=args.threads, **kw)
         except (InvalidInputError, FileNotFoundError) as e:
             ap.error(str(e))
         for times, n in zip(args.times, lengths):

@@ -186,11 +186,12 @@ class TopK:
         """The chosen blocks (best first) in the order they are placed: the stream's."""
         return sorted(blocks)
 
-    def units_choice(self, i, mid, k0, q_sel, hk, scale):
+    def units_choice(self, i, mid, k0, q_sel, hk, scale, q_heads):
         """Memory units (units > 0): ({row: extra distance}) of the middle keys row i attends in KV head hk: the
         k best single keys of the rows outside indexed blocks (extra 0), and of the blocks the bound chose, the
-        ``units`` whose keys take most of softmax(scale * q_sel.k), in stream order, row r*B + t of the
-        n sorted ones at extra distance n*B - 1 - (r*B + t)."""
+        ``units`` with the most attention summed over the query heads q_heads [rep, D] (each head's
+        softmax(scale * q.k) over those blocks' keys), in stream order, row r*B + t of the n sorted ones at extra
+        distance n*B - 1 - (r*B + t)."""
         B = self.block
         exact, blocks = self.split(i, mid, k0, q_sel, hk)
         out = {}
@@ -200,8 +201,8 @@ class TopK:
             out.update({int(rows[b]): 0 for b in best})
         if blocks:
             keys = torch.stack([k0[b * B:(b + 1) * B, hk] for b in blocks])  # [nb, B, D]
-            p = torch.softmax((keys @ q_sel).flatten() * scale, 0).reshape(len(blocks), B)
-            best = torch.topk(p.sum(1), min(self.units, len(blocks))).indices
+            p = torch.softmax(keys.reshape(-1, keys.shape[-1]) @ q_heads.T * scale, 0)  # [nb*B, rep]
+            best = torch.topk(p.sum(1).reshape(len(blocks), B).sum(1), min(self.units, len(blocks))).indices
             chosen = self.unit_order([blocks[b] for b in best.tolist()])
             n = len(chosen) * B
             out.update({b * B + t: n - 1 - (r * B + t) for r, b in enumerate(chosen) for t in range(B)})
@@ -438,7 +439,8 @@ class RefModel:
             for hk in range(hp.n_head_kv):
                 q_sel = q[i, hk * rep:(hk + 1) * rep].sum(0)
                 if topk.units:
-                    for j, o in topk.units_choice(i, mid, k_kv, q_sel, hk, self.scale()).items():
+                    for j, o in topk.units_choice(i, mid, k_kv, q_sel, hk, self.scale(),
+                                                      q[i, hk * rep:(hk + 1) * rep]).items():
                         extra[hk * rep:(hk + 1) * rep, i, j] = True
                         off[hk * rep:(hk + 1) * rep, i, j] = o
                     continue
