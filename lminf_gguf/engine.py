@@ -85,6 +85,9 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
         n > 0 attends, of the scanned blocks, the n whose keys take most of the query's softmax, whole and in stream
         order at distances topk_dist ... topk_dist + n*topk_block - 1 (InfLLM's memory units: a passage keeps the
         order of its tokens), and the topk best single keys of the rows outside indexed blocks.
+    topk_tail ("lminf-topk"): a prompt's last topk_tail tokens are decoded one at a time (generate, chat, ask),
+        since only the last token of each llama_decode call picks middle tokens: each token of a question then
+        picks its own. Costs topk_tail decode steps per prompt.
     topk_fa_lse ("lminf-topk", flash attention): True (default) corrects each ubatch's last row with the log-sum-exp
         flash attention returns where the device computes it (the CPU); False takes the second pass over K of the
         devices that do not (the same softmax summed another way; for comparisons).
@@ -103,7 +106,7 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
                  topk: int = TOPK.k, topk_layer: int = TOPK.layer_first, topk_dist: Optional[int] = None,
                  store_type: str = TOPK.store_type, store_dir: Union[str, os.PathLike, None] = None,
                  store_segment: int = TOPK.seg_rows, topk_block: int = TOPK.block, topk_blocks: int = TOPK.n_blocks,
-                 topk_units: int = TOPK.n_units, topk_fa_lse: bool = True,
+                 topk_units: int = TOPK.n_units, topk_tail: int = TOPK.tail, topk_fa_lse: bool = True,
                  rpc_servers: Optional[str] = None, rpc_timeout: Optional[float] = None, verbose: bool = False):
         # what this session owns (its model unless shared, context, batch), freed in reverse order by _free
         self._owned = contextlib.ExitStack()
@@ -116,7 +119,7 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
                            n_ubatch=n_ubatch, n_ctx=n_ctx, type_k=type_k, type_v=type_v, topk=topk,
                            topk_layer=topk_layer, topk_dist=topk_dist, store_type=store_type, store_dir=store_dir,
                            store_segment=store_segment, topk_block=topk_block, topk_blocks=topk_blocks,
-                           topk_units=topk_units, flash_attn=flash_attn)
+                           topk_units=topk_units, topk_tail=topk_tail, flash_attn=flash_attn)
 
         # a shared Model stays open when this session closes; one loaded here is this session's own
         self._own_model = not isinstance(model, Model)
@@ -148,6 +151,7 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
         cparams = context_params(n_batch, self.n_ubatch, n_threads, type_k, type_v, flash_attn)
 
         topk_params = None
+        self.topk_tail = topk_tail if MODES[mode].topk else 0  # generate.prompt_blocks
         if MODES[mode].topk:
             if topk_layer >= self.model.n_layer:
                 raise InvalidInputError(f"topk_layer must be below the model's {self.model.n_layer} layers, "

@@ -112,6 +112,14 @@ def token_record(llm, tok: int, lp: Optional[np.ndarray], top: int, offset: int 
     return rec
 
 
+def prompt_blocks(llm, n: int) -> list:
+    """(start, end) of the llama_decode calls for n prompt tokens: n_batch at a time, and in lminf-topk mode the
+    last llm.topk_tail tokens one at a time, since only the last row of each call picks middle tokens: each token of
+    the question then picks its own (the others see only the window)."""
+    head = n - min(n, llm.topk_tail)
+    return [(a, min(a + llm.n_batch, head)) for a in range(0, head, llm.n_batch)] + [(a, a + 1) for a in range(head, n)]
+
+
 class PromptProgress(dict):
     """A prompt-evaluation report, llama-server's prompt_progress ({"total", "cache", "processed", "time_ms"}):
     pieces() yields it among the text pieces when its progress callback returns one (the server's streamed chat
@@ -140,10 +148,11 @@ def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[by
     if prompt_logprobs:
         info["prompt"] = []
         prev = None if fresh else seq.last
-    for start in range(0, len(tokens), llm.n_batch):
+    blocks = prompt_blocks(llm, len(tokens))
+    for start, end in blocks:
         if seq.cancel.is_set():
             return
-        block = tokens[start:start + llm.n_batch]
+        block = tokens[start:end]
         out = seq.decode(block, all_logits=prompt_logprobs)
         if prompt_logprobs:  # row k - 1 predicts token k (one row at a time: [n_batch, n_vocab] twice is large)
             for k, tok in enumerate(block):
@@ -151,13 +160,13 @@ def pieces(llm, tokens, fresh, max_tokens, *, stops, progress, text: Optional[by
                 info["prompt"].append(token_record(llm, tok, None if row is None else log_softmax(row),
                                                    logprobs or 0))
             prev = out[-1].copy()
-        done = min(done + llm.n_batch, len(tokens))
+        done = end
         if progress:
             report = progress(done, len(tokens))
             if isinstance(report, PromptProgress):  # the caller asked for it among the pieces (a streamed chat)
                 yield report
     tally(llm, prompt_tokens=len(tokens), prompt_seconds=time.perf_counter() - started,
-          decodes=-(-len(tokens) // llm.n_batch))
+          decodes=len(blocks))
     started = time.perf_counter()
     if text is not None:
         seq.text = bytearray(text) if fresh else (prev_text + text if prev_text is not None else None)

@@ -263,6 +263,7 @@ class TopK:
     block: int = 0            # block index: keys per block (0: exact scan)
     n_blocks: int = 8         # blocks scanned per segment
     n_units: int = 0          # of those, whole blocks attended in stream order (needs block > 0; 0: single keys)
+    tail: int = 0             # a prompt's last tokens decoded one at a time, each picking its own middle tokens
 
 
 TOPK = TopK()
@@ -316,6 +317,9 @@ def add_model_flags(p: argparse.ArgumentParser, several_modes: bool = False, mod
     p.add_argument("--topk-units", type=int, default=TOPK.n_units,
                    help="lminf-topk with --topk-block: attend this many of the scanned blocks whole, in stream order "
                         f"(memory units; default {TOPK.n_units}: single keys)")
+    p.add_argument("--topk-tail", type=int, default=TOPK.tail,
+                   help="lminf-topk: decode a prompt's last N tokens one at a time, so that each token of a question "
+                        f"picks its own middle tokens (only a call's last token does; default {TOPK.tail})")
     p.add_argument("--store-type", default=TOPK.store_type, choices=list(STORE_TYPES),
                    help=f"lminf-topk: type of the middle-token store (default {TOPK.store_type})")
     p.add_argument("--store-dir", help="lminf-topk: keep the store in memory-mapped files in this directory")
@@ -382,6 +386,7 @@ def ignored_options(args) -> list:
     given = (("--topk", args.topk, TOPK.k), ("--topk-layer", args.topk_layer, TOPK.layer_first),
              ("--topk-dist", args.topk_dist, None), ("--topk-block", args.topk_block, TOPK.block),
              ("--topk-blocks", args.topk_blocks, TOPK.n_blocks), ("--topk-units", args.topk_units, TOPK.n_units),
+             ("--topk-tail", args.topk_tail, TOPK.tail),
              ("--store-type", args.store_type, TOPK.store_type),
              ("--store-dir", args.store_dir, None))
     topk_flags = [flag for flag, value, default in given if value != default]
@@ -398,13 +403,13 @@ def engine_kwargs(args, mode: Optional[str] = None, n_ctx: Optional[int] = None,
                 n_gpu_layers=args.n_gpu_layers, rpc_servers=getattr(args, "rpc_servers", None),
                 rpc_timeout=getattr(args, "rpc_timeout", None), verbose=args.verbose, topk=args.topk,
                 topk_layer=args.topk_layer, topk_dist=args.topk_dist, topk_block=args.topk_block,
-                topk_blocks=args.topk_blocks, topk_units=args.topk_units, store_type=args.store_type,
-                store_dir=args.store_dir)
+                topk_blocks=args.topk_blocks, topk_units=args.topk_units, topk_tail=args.topk_tail,
+                store_type=args.store_type, store_dir=args.store_dir)
 
 
 def check_session_args(*, mode, n_global, n_local, dist_max, n_batch, n_ubatch, n_ctx, type_k, type_v, topk,
                        topk_layer, topk_dist, store_type, store_dir, store_segment, topk_block, topk_blocks,
-                       topk_units=0, flash_attn=None) -> None:
+                       topk_units=0, topk_tail=0, flash_attn=None) -> None:
     """LMInfinite's arguments checked before anything is loaded: InvalidInputError names the first bad one."""
     if mode not in MODES:
         raise InvalidInputError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -412,7 +417,8 @@ def check_session_args(*, mode, n_global, n_local, dist_max, n_batch, n_ubatch, 
                              ("n_batch", n_batch, 1), ("n_ubatch", n_ubatch, 1), ("n_ctx", n_ctx, 1),
                              ("topk", topk, 1), ("topk_layer", topk_layer, 0), ("topk_dist", topk_dist, 1),
                              ("store_segment", store_segment, 1), ("topk_block", topk_block, 0),
-                             ("topk_blocks", topk_blocks, 1), ("topk_units", topk_units, 0)):
+                             ("topk_blocks", topk_blocks, 1), ("topk_units", topk_units, 0),
+                             ("topk_tail", topk_tail, 0)):
         if value is not None and (not isinstance(value, int) or value < low):
             raise InvalidInputError(f"{name} must be an integer >= {low}, not {value!r}")
     if topk_units and not topk_block:

@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--topk-blocks", type=int, default=TOPK.n_blocks,
                     help="lminf-topk block index: blocks scanned per segment")
     ap.add_argument("--n-batch", type=int, default=None, help="tokens per llama_decode call (default min(512, L))")
+    ap.add_argument("--topk-tail", type=int, default=0, help="lminf-topk: a prompt's last tokens decoded one at a time")
     ap.add_argument("--topk-dist", type=int, default=None, help="lminf-topk: distance of the middle tokens (L/2)")
     ap.add_argument("--topk-units", type=int, default=TOPK.n_units,
                     help="lminf-topk block index: of those, blocks attended whole in stream order (0: single keys)")
@@ -121,7 +122,8 @@ def main(argv=None) -> int:
                                                                           n_global=args.n_global)
         if mode == "lminf-topk":
             kw.update(topk=args.topk, topk_layer=args.topk_layer, topk_block=args.topk_block, topk_blocks=args.topk_blocks,
-                      topk_units=args.topk_units, topk_dist=args.topk_dist, store_type=args.store_type,
+                      topk_units=args.topk_units, topk_dist=args.topk_dist, topk_tail=args.topk_tail,
+                      store_type=args.store_type,
                       store_dir=args.store_dir)
         try:
             llm = LMInfinite(args.model, mode=mode, n_batch=args.n_batch or min(512, args.n_local), n_threads=args.threads, **kw)
@@ -145,6 +147,8 @@ def main(argv=None) -> int:
         index += f", {args.topk_units} memory units"
     if args.topk_dist:
         index += f", topk_dist {args.topk_dist}"
+    if args.topk_tail:
+        index += f", last {args.topk_tail} prompt tokens one at a time"
     fmt = "official format" if args.haystack == "repeat" else "key sentence in Austen's text"
     print(f"passkey, {fmt}, {args.model}, G = {args.n_global}, L = {args.n_local}, "
           f"lminf-topk: k {args.topk} from layer {args.topk_layer}, {index}, "

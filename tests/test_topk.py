@@ -348,3 +348,42 @@ def test_memory_units_bad_settings_are_refused(tiny_model, kw):
     path, _ = tiny_model("f32-gqa2")
     with pytest.raises(InvalidInputError, match="topk_units"):
         open_topk(path, **kw)
+
+
+def test_prompt_blocks_split_the_tail_into_single_tokens():
+    from lminf_gguf.generate import prompt_blocks
+
+    class Session:
+        n_batch, topk_tail = 4, 3
+
+    assert prompt_blocks(Session(), 10) == [(0, 4), (4, 7), (7, 8), (8, 9), (9, 10)]
+    assert prompt_blocks(Session(), 2) == [(0, 1), (1, 2)]
+    assert prompt_blocks(Session(), 0) == []
+    Session.topk_tail = 0
+    assert prompt_blocks(Session(), 10) == [(0, 4), (4, 8), (8, 10)]
+
+
+@pytest.mark.parametrize("units", [0, 2])
+def test_prompt_tail_tokens_each_pick_middle_tokens(tiny_model, units):
+    """topk_tail: a prompt's last tokens decoded one at a time, each a call's last row that picks middle tokens;
+    the prompt's last logits against the reference given those rows (and, the guard, not the batches' only: from
+    layer 0, so that the tail rows' choices reach the keys and values of the layer above)."""
+    from lminf_gguf import generate
+    path, ref = tiny_model("f32-gqa2")
+    tokens = random_tokens(8 * L + 5, seed=61)
+    index = dict(block=4, n_blocks=2, seg_rows=16, units=units) if units else {}
+    kw = dict(store_segment=16, topk_block=4, topk_blocks=2, topk_units=units) if units else {}
+    llm = open_topk(path, n_batch=16, layer=0, topk_tail=6, **kw)
+    got = {}
+
+    def progress(done, total):
+        if done == total:
+            got["last"] = llm.seq.last.copy()
+
+    list(generate.pieces(llm, tokens, True, 1, stops=[], progress=progress, text=None, info={}, temperature=0.0))
+    rows = [end - 1 for _, end in generate.prompt_blocks(llm, len(tokens))]
+    assert len(rows) == -(-(len(tokens) - 6) // 16) + 6
+    topk = TopK(3, 0, L // 2, rows, n_batch=1, **index) if units else TopK(3, 0, L // 2, rows)
+    want = ref.logits(tokens, mode="lminf", n_global=G, n_local=L, dist_max=L, topk=topk)[-1]
+    assert rel_err(got["last"], want) <= EXACT
+    assert rel_err(got["last"], reference(ref, tokens, n_batch=16, layer=0, **index)[-1]) > 100 * EXACT
