@@ -85,7 +85,8 @@ class LMInfinite(responses.OpenAIStyle, state.StateFiles, embeddings.Embeddings,
         n > 0 attends, of the scanned blocks, the n whose keys take most of the query's softmax, whole and in stream
         order at distances topk_dist ... topk_dist + n*topk_block - 1 (InfLLM's memory units: a passage keeps the
         order of its tokens), and the topk best single keys of the rows outside indexed blocks.
-    topk_tail ("lminf-topk"): a prompt's last topk_tail tokens are decoded one at a time (generate, chat, ask),
+    topk_tail ("lminf-topk"): a prompt's last topk_tail tokens (default 32; 0: none) are decoded one at a time
+        (generate, chat, ask, the server),
         since only the last token of each llama_decode call picks middle tokens: each token of a question then
         picks its own. Costs topk_tail decode steps per prompt.
     topk_fa_lse ("lminf-topk", flash attention): True (default) corrects each ubatch's last row with the log-sum-exp

@@ -263,7 +263,7 @@ class TopK:
     block: int = 0            # block index: keys per block (0: exact scan)
     n_blocks: int = 8         # blocks scanned per segment
     n_units: int = 0          # of those, whole blocks attended in stream order (needs block > 0; 0: single keys)
-    tail: int = 0             # a prompt's last tokens decoded one at a time, each picking its own middle tokens
+    tail: int = 32            # a prompt's last tokens decoded one at a time, each picking its own middle tokens
 
 
 TOPK = TopK()

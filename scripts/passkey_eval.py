@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--topk-blocks", type=int, default=TOPK.n_blocks,
                     help="lminf-topk block index: blocks scanned per segment")
     ap.add_argument("--n-batch", type=int, default=None, help="tokens per llama_decode call (default min(512, L))")
-    ap.add_argument("--topk-tail", type=int, default=0, help="lminf-topk: a prompt's last tokens decoded one at a time")
+    ap.add_argument("--topk-tail", type=int, default=TOPK.tail,
+                    help=f"lminf-topk: a prompt's last tokens decoded one at a time ({TOPK.tail})")
     ap.add_argument("--topk-dist", type=int, default=None, help="lminf-topk: distance of the middle tokens (L/2)")
     ap.add_argument("--topk-units", type=int, default=TOPK.n_units,
                     help="lminf-topk block index: of those, blocks attended whole in stream order (0: single keys)")
