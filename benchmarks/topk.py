@@ -36,6 +36,7 @@ CELLS = {  # name -> LMInfinite keyword arguments (flash attention: auto, i.e. o
     "topk index, store_dir": dict(mode="lminf-topk", topk_block=64, topk_blocks=8, store_dir="{dir}"),
     "topk index, store_dir, from layer 12": dict(mode="lminf-topk", topk_block=64, topk_blocks=8, store_dir="{dir}",
                                                  topk_layer=12),
+    "topk index, 4 units": dict(mode="lminf-topk", topk_block=64, topk_blocks=8, topk_units=4),
     "topk exact, flash off": dict(mode="lminf-topk", flash_attn=False),
     "topk index, flash off": dict(mode="lminf-topk", topk_block=64, topk_blocks=8, flash_attn=False),
 }
