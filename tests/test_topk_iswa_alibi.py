@@ -55,6 +55,17 @@ def reference(ref, tokens, *, n_batch=7, k=3, layer=1, dist=DIST, **index):
 UNITS = dict(block=4, n_blocks=2, seg_rows=16, units=2)
 
 
+def check_units(path, ref, tokens, flash):
+    """UNITS' memory units from layer 0 against the reference (flash attention: f16 K and V, HALF), and unlike
+    single keys (the guard)."""
+    llm = open_units(path, n_batch=16, layer=0, flash_attn=flash, kv="f16" if flash else "f32")
+    got = llm.logits(tokens)
+    llm.close()
+    err = rel_err(got, reference(ref, tokens, n_batch=16, layer=0, **UNITS))
+    assert err <= (HALF if flash else EXACT), f"relative error {err:.2e}"
+    assert rel_err(got, reference(ref, tokens, n_batch=16, layer=0)) > 100 * EXACT  # the units matter
+
+
 def open_units(path, **kw):
     """open_topk with UNITS' memory units."""
     return open_topk(path, store_segment=UNITS["seg_rows"], topk_block=UNITS["block"],
@@ -149,12 +160,7 @@ def test_iswa_memory_units_match_reference(gemma, flash):
     """Memory units (whole blocks in stream order) in the global layers; with flash attention, f16 K and V."""
     path, ref = gemma
     tokens = random_tokens(12 * L, seed=29)
-    llm = open_units(path, n_batch=16, layer=0, flash_attn=flash, kv="f16" if flash else "f32")
-    got = llm.logits(tokens)
-    llm.close()
-    err = rel_err(got, reference(ref, tokens, n_batch=16, layer=0, **UNITS))
-    assert err <= (HALF if flash else EXACT), f"relative error {err:.2e}"
-    assert rel_err(got, reference(ref, tokens, n_batch=16, layer=0)) > 100 * EXACT  # the units matter
+    check_units(path, ref, tokens, flash)
 
 
 def test_iswa_store_holds_the_global_layers_only(gemma):
@@ -305,12 +311,7 @@ def test_alibi_memory_units_match_reference(alibi, flash):
     floor on this model, see the fixture; seed 34 flips a near tie in both paths, 4.4e-3.)"""
     path, ref = alibi
     tokens = random_tokens(12 * L, seed=32)
-    llm = open_units(path, n_batch=16, layer=0, flash_attn=flash, kv="f16" if flash else "f32")
-    got = llm.logits(tokens)
-    llm.close()
-    err = rel_err(got, reference(ref, tokens, n_batch=16, layer=0, **UNITS))
-    assert err <= (HALF if flash else EXACT), f"relative error {err:.2e}"
-    assert rel_err(got, reference(ref, tokens, n_batch=16, layer=0)) > 100 * EXACT  # the units matter
+    check_units(path, ref, tokens, flash)
 
 
 def test_alibi_guards(alibi):
