@@ -25,6 +25,7 @@ import random
 import re
 import sys
 import time
+from pathlib import Path
 
 from lminf_gguf.options import STORE_TYPES, TOPK
 
@@ -36,20 +37,21 @@ QUESTION = "What is the pass key? The pass key is"
 MODES = ("lminf-topk", "lminf", "shift", "vanilla")
 
 
-def prompt(tokenize, n_tokens: int, rng: random.Random):
-    """(prompt of about n_tokens tokens, key, tokens from the key sentence to the end)."""
+def prompt(tokenize, n_tokens: int, rng: random.Random, depth=None):
+    """(prompt of about n_tokens tokens, key, tokens from the key sentence to the end). depth: the share of the
+    distractors before the key (None: drawn at random)."""
     key = rng.randint(1, 10**7 - 1)
     per = len(tokenize(" ".join([DISTRACTOR] * 16))) / 16
     fixed = len(tokenize(" ".join([TASK, NEEDLE.format(key=key), QUESTION])))
     n = max(1, round((n_tokens - fixed) / per))
-    before = rng.randint(0, n)
+    before = rng.randint(0, n) if depth is None else round(depth * n)
     text = " ".join([TASK] + [DISTRACTOR] * before + [NEEDLE.format(key=key)] + [DISTRACTOR] * (n - before)
                     + [QUESTION])
     back = len(tokenize(" ".join([NEEDLE.format(key=key)] + [DISTRACTOR] * (n - before) + [QUESTION])))
     return text, key, back
 
 
-def austen_prompt(tokenize, n_tokens: int, rng: random.Random, lines: list):
+def austen_prompt(tokenize, n_tokens: int, rng: random.Random, lines: list, depth=None):
     """The prompt() of --haystack austen: Austen's lines from a random one on as the haystack."""
     key = rng.randint(1, 10**7 - 1)
     needle = NEEDLE.format(key=key)
@@ -61,10 +63,47 @@ def austen_prompt(tokenize, n_tokens: int, rng: random.Random, lines: list):
             break
         hay.append(line)
         n += len(tokenize(" " + line))
-    at = rng.randint(0, len(hay))
+    if n < n_tokens - fixed:
+        sys.exit(f"--haystack austen: the text holds {n:,} tokens from line {start}, fewer than {n_tokens:,}")
+    at = rng.randint(0, len(hay)) if depth is None else round(depth * len(hay))
     text = " ".join([TASK] + hay[:at] + [needle] + hay[at:] + [QUESTION])
     back = len(tokenize(" ".join([needle] + hay[at:] + [QUESTION])))
     return text, key, back
+
+
+class Progress:
+    """generate()'s progress(done, total): one line per 5 % of the prompt, with the rate so far."""
+
+    def __init__(self, t0: float):
+        self.t0, self.next = t0, 0.05
+
+    def __call__(self, done: int, total: int):
+        if total and done / total >= self.next:
+            dt = time.perf_counter() - self.t0
+            print(f"  {done:,} / {total:,} prompt tokens, {dt:.0f} s ({done / dt:.0f} tok/s)", file=sys.stderr,
+                  flush=True)
+            self.next = done / total + 0.05
+
+
+def resources(llm, t0: float, store_dir) -> str:
+    """Seconds since t0, the process's peak and anonymous resident memory, the top-k store's size (allocated
+    segments) and, with store_dir, its blocks on disk."""
+    kb = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in ("VmHWM", "RssAnon"):
+                kb[name] = int(rest.split()[0])
+    info = llm.cache_info()
+    out = (f"{time.perf_counter() - t0:.0f} s, peak RSS {kb['VmHWM'] / 1024:,.0f} MB (anon now "
+           f"{kb['RssAnon'] / 1024:,.0f} MB)")
+    if info.get("store_bytes"):
+        out += f", store {info['store_bytes'] / 2**20:,.0f} MB allocated"
+    if store_dir:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+        from topk_store import store_disk_bytes  # benchmarks/topk_store.py
+        out += f", {store_disk_bytes(store_dir) / 2**20:,.0f} MB on disk"
+    return out
 
 
 def found(answer: str, key: int) -> bool:
@@ -100,18 +139,23 @@ def main(argv=None) -> int:
     ap.add_argument("--store-dir", default=None, help="lminf-topk: memory-map the store in this directory")
     ap.add_argument("--haystack", default="repeat", choices=("repeat", "austen"),
                     help="repeat: the official distractor sentence (default); austen: natural text")
+    ap.add_argument("--depth", type=float, default=None,
+                    help="share of the haystack before the key, in [0, 1] (default: random per prompt)")
+    ap.add_argument("--progress", action="store_true",
+                    help="report the prompt's evaluation every 5 %% (long prompts)")
     args = ap.parse_args(argv)
+    if args.depth is not None and not 0.0 <= args.depth <= 1.0:
+        ap.error("--depth is a share of the haystack, in [0, 1]")
 
     make_prompt = prompt
     if args.haystack == "austen":
         import subprocess
-        from pathlib import Path
         path = subprocess.run([sys.executable, str(Path(__file__).with_name("fetch_data.py")), "austen"],
                               capture_output=True, text=True, check=True).stdout.strip()
         lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
 
-        def make_prompt(tokenize, n, rng):
-            return austen_prompt(tokenize, n, rng, lines)
+        def make_prompt(tokenize, n, rng, depth):
+            return austen_prompt(tokenize, n, rng, lines, depth)
 
     from lminf_gguf import LMInfinite
     from lminf_gguf.errors import InvalidInputError
@@ -134,12 +178,15 @@ def main(argv=None) -> int:
             rng = random.Random(f"{args.seed}-{n}")   # the same prompts for every mode
             ok, far, t0 = 0, 0, time.perf_counter()
             for _ in range(args.trials):
-                text, key, back = make_prompt(llm.tokenize, n, rng)
-                answer = llm.generate(text, max_tokens=8, temperature=0)
+                text, key, back = make_prompt(llm.tokenize, n, rng, args.depth)
+                t1 = time.perf_counter()
+                answer = llm.generate(text, max_tokens=8, temperature=0,
+                                      progress=Progress(time.perf_counter()) if args.progress else None)
                 ok += found(answer, key)
                 far += back > args.n_local
-                print(f"{mode} {times}x: key {key} {back} tokens back: {answer.strip()[:40]!r} "
-                      f"({'found' if found(answer, key) else 'missed'})", file=sys.stderr, flush=True)
+                print(f"{mode} {times}x: key {key} {back:,} tokens back: {answer.strip()[:40]!r} "
+                      f"({'found' if found(answer, key) else 'missed'}); {resources(llm, t1, args.store_dir)}",
+                      file=sys.stderr, flush=True)
             rows[(mode, times)] = (ok, time.perf_counter() - t0, far)
         llm.close()
 
