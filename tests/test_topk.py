@@ -151,6 +151,22 @@ def test_block_index_matches_reference(tiny_model, block, n_blocks, n_batch, seg
     assert err <= EXACT, f"relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("name,store,bound", [("f32-mha", "f32", EXACT), ("f32-gqa8", "f32", EXACT),
+                                              ("f32-gqa2", "f16", HALF), ("f32-h32", "q8_0", 5e-2)])
+def test_block_index_on_head_layouts_and_store_types(tiny_model, name, store, bound):
+    """The chosen blocks' keys are scored where they are stored (patch 0024: one matrix per block and KV head, the
+    rows of the best gathered by number): every KV head layout (4, 1 and 2 KV heads), and f16 and q8_0 stores
+    (bounds as in test_f16_store and test_quantised_store_on_wider_heads). The index must matter (the guard)."""
+    path, ref = tiny_model(name)
+    tokens = random_tokens(8 * L + 5, seed=12)
+    index = dict(block=4, n_blocks=1, seg_rows=16)
+    got = open_topk(path, n_batch=7, store=store, store_segment=16, topk_block=4, topk_blocks=1).logits(tokens)
+    err = rel_err(got, reference(ref, tokens, **index))
+    assert err <= bound, f"relative error {err:.2e}"
+    if store == "f32":
+        assert rel_err(got, reference(ref, tokens)) > 100 * EXACT
+
+
 def test_block_index_scanning_every_block_is_the_exact_scan(tiny_model):
     path, _ = tiny_model("f32-gqa2")
     tokens = random_tokens(8 * L + 5, seed=21)

@@ -66,6 +66,18 @@ def check_units(path, ref, tokens, flash):
     assert rel_err(got, reference(ref, tokens, n_batch=16, layer=0)) > 100 * EXACT  # the units matter
 
 
+def check_index(path, ref, tokens):
+    """Single keys through the block index (one block of 4 per segment of 16; patch 0024 scores the chosen blocks
+    in place) from layer 0 against the reference, and unlike the exact scan (the guard)."""
+    index = dict(block=4, n_blocks=1, seg_rows=16)
+    llm = open_topk(path, n_batch=16, layer=0, store_segment=16, topk_block=4, topk_blocks=1)
+    got = llm.logits(tokens)
+    llm.close()
+    err = rel_err(got, reference(ref, tokens, n_batch=16, layer=0, **index))
+    assert err <= EXACT, f"relative error {err:.2e}"
+    assert rel_err(got, reference(ref, tokens, n_batch=16, layer=0)) > 100 * EXACT  # the index matters
+
+
 def open_units(path, **kw):
     """open_topk with UNITS' memory units."""
     return open_topk(path, store_segment=UNITS["seg_rows"], topk_block=UNITS["block"],
@@ -161,6 +173,11 @@ def test_iswa_memory_units_match_reference(gemma, flash):
     path, ref = gemma
     tokens = random_tokens(12 * L, seed=29)
     check_units(path, ref, tokens, flash)
+
+
+def test_iswa_block_index_matches_reference(gemma):
+    path, ref = gemma
+    check_index(path, ref, random_tokens(12 * L, seed=29))
 
 
 def test_iswa_store_holds_the_global_layers_only(gemma):
@@ -312,6 +329,11 @@ def test_alibi_memory_units_match_reference(alibi, flash):
     path, ref = alibi
     tokens = random_tokens(12 * L, seed=32)
     check_units(path, ref, tokens, flash)
+
+
+def test_alibi_block_index_matches_reference(alibi):
+    path, ref = alibi
+    check_index(path, ref, random_tokens(12 * L, seed=32))
 
 
 def test_alibi_guards(alibi):
