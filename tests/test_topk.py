@@ -125,6 +125,44 @@ def test_memory_mapped_store_equals_memory_store(tiny_model, tmp_path):
     assert os.listdir(tmp_path) == []  # the store files are unlinked as soon as they are mapped
 
 
+def store_resident_bytes(store_dir) -> int:
+    """Resident bytes of this process's mappings of files in store_dir (/proc/self/smaps): the mapped store."""
+    real, total, inside = os.path.realpath(store_dir), 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                inside = len(head) >= 6 and head[5].startswith(real + "/")
+            elif inside and line.startswith("Rss:"):
+                total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
+def test_memory_mapped_store_lets_its_pages_go(tiny_model, tmp_path):
+    """With store_dir and the block index, the engine drops the mapped store's pages from the process as the stream
+    grows (patch 0025): its resident part stays a fraction of the rows written, and the rows stay in the files (the
+    logits equal the in-memory store's, to the bit). The exact scan reads every row, so its pages stay: the guard
+    that the measurement sees them."""
+    path, _ = tiny_model("f32-h32")
+    tokens = random_tokens(12288, seed=8)
+    index = dict(n_batch=16, store_segment=4096, topk_block=64, topk_blocks=2)
+    want = open_topk(path, **index).logits(tokens)
+    (tmp_path / "index").mkdir()
+    llm = open_topk(path, store_dir=tmp_path / "index", **index)
+    got = llm.logits(tokens)
+    written = len(tokens) * llm.topk_store_bytes_per_token()
+    resident = store_resident_bytes(tmp_path / "index")
+    assert rel_err(got, want) == 0.0
+    assert 0 < resident <= written / 4, f"{resident} resident bytes of {written} written"
+
+    (tmp_path / "exact").mkdir()
+    exact = open_topk(path, n_batch=16, store_segment=4096, store_dir=tmp_path / "exact")
+    exact.feed(tokens.tolist(), add_bos=False)
+    kept = store_resident_bytes(tmp_path / "exact")
+    assert kept >= 0.9 * written, f"{kept} resident bytes of {written} written"
+
+
 def test_bad_settings_are_refused(tiny_model, tmp_path):
     path, _ = tiny_model("f32-gqa2")
     with pytest.raises(ValueError, match="n_ubatch"):
